@@ -1,0 +1,246 @@
+"""Tensors + string metadata <-> one safetensors payload, with strict validation.
+
+``encode`` is ``safetensors.torch.save``. ``decode`` reads the header itself
+(it is plain JSON after an 8-byte little-endian length) so that it can check
+every length and offset against the payload *before* trusting any of it, keep
+the ``__metadata__`` map that ``safetensors.torch.load`` drops, and never
+allocate more than the payload's own size. Nothing is ever unpickled.
+
+Each refusal is a ``CodecError`` whose ``reason`` is one of ``REASONS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save as _st_save
+
+from broker.errors import CodecError
+
+DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024  # bytes; mosquitto's message_size_limit matches
+DEFAULT_MAX_HEADER = 1024 * 1024  # bytes of JSON header
+
+REASONS = (
+    "oversize",  # payload larger than the size limit
+    "not_safetensors",  # does not even look like a safetensors file
+    "header_too_large",  # declared header length beyond the header limit
+    "truncated",  # declared header or tensor data runs past the end of the payload
+    "bad_header",  # header is not a JSON object of well-formed tensor entries
+    "bad_offsets",  # tensor offsets overlap, leave gaps or disagree with shape x dtype
+    "unknown_tensor",  # a tensor the model does not have
+    "missing_tensor",  # a tensor of the model that the payload lacks
+    "shape_mismatch",
+    "dtype_mismatch",
+    "non_finite",  # NaN or Inf in a floating tensor
+    "missing_metadata",
+    "bad_metadata",  # present but non-numeric, absurd or inconsistent
+)
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+_NAME_OF = {dt: name for name, (dt, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor must look like: safetensors dtype name and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+Schema = Mapping[str, TensorSpec]
+
+
+@dataclass(frozen=True)
+class Payload:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _NAME_OF[dtype]
+    except KeyError:
+        raise CodecError(f"dtype {dtype} is not supported on the wire", reason="dtype_mismatch")
+
+
+def schema_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """The schema a payload must match to stand for these tensors (a model's state dict)."""
+    return {k: TensorSpec(dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+
+
+def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """One safetensors payload holding ``tensors`` and the string map ``metadata``."""
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
+    plain = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+    return _st_save(plain, metadata=dict(metadata))
+
+
+def decode(
+    payload: bytes,
+    *,
+    schema: Schema | None = None,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_header: int = DEFAULT_MAX_HEADER,
+    require_finite: bool = True,
+) -> Payload:
+    """Parse and validate a payload; raise ``CodecError`` with a specific reason."""
+    size = len(payload)
+    if size > max_payload:
+        raise CodecError(f"payload is {size} bytes, limit is {max_payload}", reason="oversize")
+    if size < 8:
+        raise CodecError(f"payload of {size} bytes is not safetensors", reason="not_safetensors")
+    (header_len,) = struct.unpack("<Q", payload[:8])
+    if header_len > max_header:
+        raise CodecError(
+            f"declared header of {header_len} bytes exceeds the {max_header}-byte limit",
+            reason="header_too_large",
+        )
+    if 8 + header_len > size:
+        raise CodecError(
+            f"declared header of {header_len} bytes runs past the {size}-byte payload",
+            reason="truncated",
+        )
+    raw_header = bytes(payload[8 : 8 + header_len])
+    if not raw_header.lstrip(b" ").startswith(b"{"):
+        raise CodecError("header does not start with a JSON object", reason="not_safetensors")
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CodecError(f"header is not valid JSON: {exc}", reason="bad_header") from None
+    if not isinstance(header, dict):
+        raise CodecError("header is not a JSON object", reason="bad_header")
+
+    metadata = _read_metadata(header.pop("__metadata__", None))
+    data = memoryview(payload)[8 + header_len :]
+    entries = _read_entries(header, len(data))
+    if schema is not None:
+        _check_schema(entries, schema)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        torch_dtype, _ = DTYPES[dtype]
+        chunk = data[begin:end]
+        if end == begin:
+            tensor = torch.empty(shape, dtype=torch_dtype)
+        else:
+            # one copy of exactly this tensor's bytes: never more than the payload holds
+            tensor = torch.frombuffer(bytearray(chunk), dtype=torch_dtype).reshape(shape)
+        if require_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CodecError(f"tensor {name!r} holds NaN or Inf", reason="non_finite")
+        tensors[name] = tensor
+    return Payload(tensors=tensors, metadata=metadata)
+
+
+def _read_metadata(raw: object) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise CodecError("__metadata__ must map strings to strings", reason="bad_header")
+    return dict(raw)
+
+
+def _read_entries(header: dict, data_len: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise CodecError(f"tensor entry {name!r} is malformed", reason="bad_header")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise CodecError(f"tensor {name!r} has unsupported dtype {dtype!r}", reason="bad_header")
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise CodecError(f"tensor {name!r} has an invalid shape {shape!r}", reason="bad_header")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise CodecError(f"tensor {name!r} has invalid offsets", reason="bad_header")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise CodecError(f"tensor {name!r} has offsets {offsets}", reason="bad_offsets")
+        if end > data_len:
+            raise CodecError(
+                f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section",
+                reason="truncated",
+            )
+        if (end - begin) != math.prod(shape) * DTYPES[dtype][1]:
+            raise CodecError(
+                f"tensor {name!r}: {end - begin} bytes do not hold {dtype}{shape}",
+                reason="bad_offsets",
+            )
+        entries[name] = (dtype, tuple(shape), begin, end)
+    # the data section must be tiled exactly: sorted, no overlap, no gap, nothing after
+    cursor = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin != cursor:
+            kind = "overlap" if begin < cursor else "gap"
+            raise CodecError(f"tensor {name!r} leaves an {kind} at byte {begin}", reason="bad_offsets")
+        cursor = end
+    if cursor != data_len:
+        raise CodecError(
+            f"data section has {data_len - cursor} trailing bytes", reason="bad_offsets"
+        )
+    return entries
+
+
+def _check_schema(entries: Mapping[str, tuple], schema: Schema) -> None:
+    unknown = sorted(set(entries) - set(schema))
+    if unknown:
+        raise CodecError(f"unexpected tensors {unknown[:5]}", reason="unknown_tensor")
+    missing = sorted(set(schema) - set(entries))
+    if missing:
+        raise CodecError(f"missing tensors {missing[:5]}", reason="missing_tensor")
+    for name, spec in schema.items():
+        dtype, shape = entries[name][0], entries[name][1]
+        if dtype != spec.dtype:
+            raise CodecError(
+                f"tensor {name!r} is {dtype}, model has {spec.dtype}", reason="dtype_mismatch"
+            )
+        if tuple(shape) != tuple(spec.shape):
+            raise CodecError(
+                f"tensor {name!r} has shape {list(shape)}, model has {list(spec.shape)}",
+                reason="shape_mismatch",
+            )
+
+
+def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """SHA-256 over the metadata (canonical JSON, without ``signature``) and every tensor.
+
+    Independent of how the safetensors file happens to be laid out, so that a
+    signature or a model hash survives re-encoding.
+    """
+    h = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != "signature"}
+    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(json.dumps([name, dtype_name(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.digest()

@@ -1,0 +1,186 @@
+"""The two safetensors messages of the wire contract and their required metadata.
+
+``model`` (aggregator, retained)::
+
+    format      "fedmq/1"
+    round       decimal integer >= 1
+    task        the task spec as canonical JSON
+    model_hash  hex SHA-256 of the tensors, round and task (see ``model_hash``)
+    final       "1" on the last model of a finished run (optional)
+    signature   Ed25519 signature of the aggregator (optional, see broker/signing.py)
+
+``updates/<device_id>`` (device)::
+
+    format       "fedmq/1"
+    round        the round it was trained for
+    device_id    must equal the topic's device id
+    num_samples  decimal integer in [1, max_samples]
+    base_hash    the model_hash of the global model it was trained from
+    metrics      JSON object of finite numbers (train_loss, eval_loss, eval_accuracy, ...)
+    signature    Ed25519 signature of the device (optional, see broker/signing.py)
+
+An update carries the device's full locally trained weights (not a delta).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from broker.codec import Payload, Schema, content_digest, decode, encode
+from broker.errors import CodecError
+from broker.task import TaskSpec
+
+FORMAT = "fedmq/1"
+DEFAULT_MAX_SAMPLES = 10_000_000
+
+
+def model_hash(tensors: Mapping[str, torch.Tensor], round_: int, task_json: str) -> str:
+    return content_digest(tensors, {"round": str(round_), "task": task_json}).hex()
+
+
+@dataclass(frozen=True)
+class ModelMessage:
+    round: int
+    task: TaskSpec
+    task_json: str
+    model_hash: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class UpdateMessage:
+    round: int
+    device_id: str
+    num_samples: int
+    base_hash: str
+    metrics: dict[str, float]
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def encode_model(
+    tensors: Mapping[str, torch.Tensor], round_: int, task: TaskSpec, *, final: bool = False
+) -> tuple[bytes, str]:
+    """The ``model`` payload for ``round_`` and its model hash."""
+    task_json = task.to_json()
+    digest = model_hash(tensors, round_, task_json)
+    meta = {"format": FORMAT, "round": str(round_), "task": task_json, "model_hash": digest}
+    if final:
+        meta["final"] = "1"
+    return encode(tensors, meta), digest
+
+
+def decode_model(payload: bytes, **limits) -> ModelMessage:
+    p = decode(payload, **limits)
+    meta = p.metadata
+    round_ = _int(meta, "round", minimum=1)
+    task_json = _required(meta, "task")
+    try:
+        task = TaskSpec.from_json(task_json)
+    except Exception as exc:  # TaskError; anything else is equally a bad task
+        raise CodecError(f"metadata 'task' is invalid: {exc}", reason="bad_metadata") from None
+    digest = _required(meta, "model_hash")
+    if model_hash(p.tensors, round_, task_json) != digest:
+        raise CodecError("model_hash does not match the model's content", reason="bad_metadata")
+    return ModelMessage(
+        round=round_,
+        task=task,
+        task_json=task_json,
+        model_hash=digest,
+        tensors=p.tensors,
+        metadata=meta,
+        final=meta.get("final") == "1",
+    )
+
+
+def encode_update(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    round_: int,
+    device_id: str,
+    num_samples: int,
+    base_hash: str,
+    metrics: Mapping[str, float],
+) -> bytes:
+    meta = update_metadata(
+        round_=round_,
+        device_id=device_id,
+        num_samples=num_samples,
+        base_hash=base_hash,
+        metrics=metrics,
+    )
+    return encode(tensors, meta)
+
+
+def update_metadata(
+    *, round_: int, device_id: str, num_samples: int, base_hash: str, metrics: Mapping[str, float]
+) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "round": str(round_),
+        "device_id": device_id,
+        "num_samples": str(num_samples),
+        "base_hash": base_hash,
+        "metrics": json.dumps({k: float(v) for k, v in metrics.items()}, sort_keys=True),
+    }
+
+
+def decode_update(
+    payload: bytes,
+    *,
+    schema: Schema | None = None,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    **limits,
+) -> UpdateMessage:
+    p: Payload = decode(payload, schema=schema, **limits)
+    meta = p.metadata
+    metrics_raw = _required(meta, "metrics")
+    try:
+        metrics = json.loads(metrics_raw)
+    except ValueError:
+        raise CodecError("metadata 'metrics' is not JSON", reason="bad_metadata") from None
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        for k, v in metrics.items()
+    ):
+        raise CodecError(
+            "metadata 'metrics' must be an object of finite numbers", reason="bad_metadata"
+        )
+    return UpdateMessage(
+        round=_int(meta, "round", minimum=1),
+        device_id=_required(meta, "device_id"),
+        num_samples=_int(meta, "num_samples", minimum=1, maximum=max_samples),
+        base_hash=_required(meta, "base_hash"),
+        metrics={k: float(v) for k, v in metrics.items()},
+        tensors=p.tensors,
+        metadata=meta,
+    )
+
+
+def _required(meta: Mapping[str, str], key: str) -> str:
+    value = meta.get(key)
+    if value is None or value == "":
+        raise CodecError(f"metadata {key!r} is missing", reason="missing_metadata")
+    return value
+
+
+def _int(meta: Mapping[str, str], key: str, *, minimum: int, maximum: int | None = None) -> int:
+    text = _required(meta, key)
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise CodecError(f"metadata {key!r} = {text[:40]!r} is not a decimal integer",
+                         reason="bad_metadata")
+    value = int(text)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise CodecError(f"metadata {key!r} = {value} is outside {bound}", reason="bad_metadata")
+    return value

@@ -1,0 +1,161 @@
+"""The task spec: what model to train and how, written by the aggregator's owner.
+
+It is a TOML file on the aggregator's side and travels as canonical JSON in the
+``task`` metadata of every ``model`` message, so a device learns everything it
+needs from the retained model alone::
+
+    seed = 0                       # initial weights
+
+    [model]
+    arch = "cnn1d"                 # "linear" | "mlp" | "cnn1d" | "package.module:function"
+    in_channels = 6                # every other key is an argument of the architecture
+    num_classes = 7
+
+    [train]
+    epochs = 1                     # local epochs per round
+    batch_size = 32                # 0 = full batch
+    lr = 0.01
+    optimizer = "sgd"              # "sgd" | "adam"
+    loss = "cross_entropy"         # "mse" | "mse_sum" | "cross_entropy"
+
+    [data]
+    label = "label"                # the label column of a CSV file
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.errors import TaskError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+OPTIMIZERS = ("sgd", "adam")
+LOSSES = ("mse", "mse_sum", "cross_entropy")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    loss: str = "cross_entropy"
+    momentum: float = 0.0
+
+    @property
+    def is_classification(self) -> bool:
+        return self.loss == "cross_entropy"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    label: str = "label"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    model: ModelSpec
+    train: TrainSpec = field(default_factory=TrainSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    seed: int = 0
+
+    def to_json(self) -> str:
+        """Canonical JSON: the same task always gives the same string (and model hash)."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskSpec:
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise TaskError(f"task is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise TaskError("task JSON must be an object")
+        model = raw.get("model")
+        if isinstance(model, dict) and "args" in model:
+            model = {"arch": model.get("arch"), **(model.get("args") or {})}
+        return from_dict({**raw, "model": model})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TaskSpec:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise TaskError(f"{path}: task file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TaskError(f"{path}: cannot read task file: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise TaskError(f"{path}: not valid TOML: {exc}") from None
+        try:
+            return from_dict(raw)
+        except TaskError as exc:
+            raise TaskError(f"{path}: {exc}") from None
+
+
+def from_dict(raw: dict[str, Any]) -> TaskSpec:
+    """Validate a parsed task (TOML tables or JSON objects) once, at the edge."""
+    unknown = set(raw) - {"model", "train", "data", "seed"}
+    if unknown:
+        raise TaskError(f"unknown task section(s): {', '.join(sorted(unknown))}")
+    model = raw.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("arch"), str):
+        raise TaskError('[model] needs arch = "linear" | "mlp" | "cnn1d" | "module:function"')
+    args = {k: v for k, v in model.items() if k != "arch"}
+
+    train_raw = raw.get("train", {})
+    if not isinstance(train_raw, dict):
+        raise TaskError("[train] must be a table")
+    known = set(TrainSpec.__dataclass_fields__)
+    extra = set(train_raw) - known
+    if extra:
+        raise TaskError(f"unknown [train] key(s): {', '.join(sorted(extra))}")
+    train = TrainSpec(**train_raw)
+    _check_train(train)
+
+    data_raw = raw.get("data", {})
+    if not isinstance(data_raw, dict) or not isinstance(data_raw.get("label", "label"), str):
+        raise TaskError('[data] must be a table with label = "<column name>"')
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TaskError("seed must be an integer")
+    return TaskSpec(
+        model=ModelSpec(arch=model["arch"], args=args),
+        train=train,
+        data=DataSpec(label=data_raw.get("label", "label")),
+        seed=seed,
+    )
+
+
+def _check_train(t: TrainSpec) -> None:
+    def positive_int(name: str, value: Any, minimum: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise TaskError(f"[train] {name} must be an integer >= {minimum}, got {value!r}")
+
+    positive_int("epochs", t.epochs, 1)
+    positive_int("batch_size", t.batch_size, 0)
+    for name in ("lr", "momentum"):
+        value = getattr(t, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise TaskError(f"[train] {name} must be a number, got {value!r}")
+    if t.lr <= 0:
+        raise TaskError(f"[train] lr must be > 0, got {t.lr}")
+    if t.optimizer not in OPTIMIZERS:
+        raise TaskError(f"[train] optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    if t.loss not in LOSSES:
+        raise TaskError(f"[train] loss must be one of {LOSSES}, got {t.loss!r}")
