@@ -79,7 +79,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAME_OF[dtype]
     except KeyError:
-        raise CodecError(f"dtype {dtype} is not supported on the wire", reason="dtype_mismatch")
+        raise CodecError(
+            f"dtype {dtype} is not supported on the wire", reason="dtype_mismatch"
+        ) from None
 
 
 def schema_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
@@ -169,7 +171,9 @@ def _read_entries(header: dict, data_len: int) -> dict[str, tuple[str, tuple[int
             raise CodecError(f"tensor entry {name!r} is malformed", reason="bad_header")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPES:
-            raise CodecError(f"tensor {name!r} has unsupported dtype {dtype!r}", reason="bad_header")
+            raise CodecError(
+                f"tensor {name!r} has unsupported dtype {dtype!r}", reason="bad_header"
+            )
         if not (
             isinstance(shape, list)
             and len(shape) <= 8
@@ -201,7 +205,9 @@ def _read_entries(header: dict, data_len: int) -> dict[str, tuple[str, tuple[int
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
         if begin != cursor:
             kind = "overlap" if begin < cursor else "gap"
-            raise CodecError(f"tensor {name!r} leaves an {kind} at byte {begin}", reason="bad_offsets")
+            raise CodecError(
+                f"tensor {name!r} leaves an {kind} at byte {begin}", reason="bad_offsets"
+            )
         cursor = end
     if cursor != data_len:
         raise CodecError(

@@ -26,7 +26,9 @@ def mosquitto_binary() -> str:
     raise BrokerError("mosquitto is not installed (Debian: apt-get install mosquitto)")
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float, proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
@@ -36,7 +38,9 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise BrokerError(f"mosquitto did not accept connections on {host}:{port}") from None
+                raise BrokerError(
+                    f"mosquitto did not accept connections on {host}:{port}"
+                ) from None
             time.sleep(0.05)
 
 

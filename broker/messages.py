@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,14 +66,21 @@ class UpdateMessage:
 
 
 def encode_model(
-    tensors: Mapping[str, torch.Tensor], round_: int, task: TaskSpec, *, final: bool = False
+    tensors: Mapping[str, torch.Tensor],
+    round_: int,
+    task: TaskSpec,
+    *,
+    final: bool = False,
+    sign: Callable[[Mapping[str, torch.Tensor], dict[str, str]], str] | None = None,
 ) -> tuple[bytes, str]:
-    """The ``model`` payload for ``round_`` and its model hash."""
+    """The ``model`` payload for ``round_`` and its model hash; ``sign`` adds a signature."""
     task_json = task.to_json()
     digest = model_hash(tensors, round_, task_json)
     meta = {"format": FORMAT, "round": str(round_), "task": task_json, "model_hash": digest}
     if final:
         meta["final"] = "1"
+    if sign is not None:
+        meta["signature"] = sign(tensors, meta)
     return encode(tensors, meta), digest
 
 
@@ -177,8 +184,9 @@ def _required(meta: Mapping[str, str], key: str) -> str:
 def _int(meta: Mapping[str, str], key: str, *, minimum: int, maximum: int | None = None) -> int:
     text = _required(meta, key)
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise CodecError(f"metadata {key!r} = {text[:40]!r} is not a decimal integer",
-                         reason="bad_metadata")
+        raise CodecError(
+            f"metadata {key!r} = {text[:40]!r} is not a decimal integer", reason="bad_metadata"
+        )
     value = int(text)
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"

@@ -151,7 +151,11 @@ def _check_train(t: TrainSpec) -> None:
     positive_int("batch_size", t.batch_size, 0)
     for name in ("lr", "momentum"):
         value = getattr(t, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
             raise TaskError(f"[train] {name} must be a number, got {value!r}")
     if t.lr <= 0:
         raise TaskError(f"[train] lr must be > 0, got {t.lr}")

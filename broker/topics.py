@@ -1,10 +1,10 @@
 """The topic tree of one federation: every topic string is built here.
 
-    fedmq/<federation>/model                retained global model (aggregator)
-    fedmq/<federation>/updates/<device_id>  one device's update (that device)
-    fedmq/<federation>/status/<device_id>   retained JSON status + last will (device)
-    fedmq/<federation>/state                retained JSON state (aggregator)
-    fedmq/<federation>/control              JSON commands (operator)
+fedmq/<federation>/model                retained global model (aggregator)
+fedmq/<federation>/updates/<device_id>  one device's update (that device)
+fedmq/<federation>/status/<device_id>   retained JSON status + last will (device)
+fedmq/<federation>/state                retained JSON state (aggregator)
+fedmq/<federation>/control              JSON commands (operator)
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from broker.errors import ConfigError
+
 ROOT = "fedmq"
 # Names end up in topics, file names and ACL patterns: keep them boring.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def check_name(kind: str, value: str) -> str:
-    """Return ``value`` if it is a valid federation or device name, else raise ValueError."""
+    """Return ``value`` if it is a valid federation or device name, else raise ConfigError."""
     if not _NAME.match(value or ""):
-        raise ValueError(
+        raise ConfigError(
             f"invalid {kind} {value!r}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
         )

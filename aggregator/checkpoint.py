@@ -1,0 +1,127 @@
+"""A run directory: checkpoints, the run's state, metrics, written so a crash loses nothing.
+
+    run_dir/
+      run.json                      federation, task, rounds, quorum: fixed at start
+      state.json                    last completed round, its checkpoint, running totals
+      checkpoints/round-000003.safetensors   global model after round 3 (round-000000: initial)
+      metrics.jsonl                 one line per completed round
+      rounds/000004/                journal of the round in progress (see journal.py)
+      metrics.png                   loss and accuracy per round
+
+``state.json`` is replaced atomically after the checkpoint it names is on disk,
+so it always points at a complete checkpoint; a metrics line for a round that
+``state.json`` does not yet count is dropped on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from aggregator.durable import append_line, atomic_write, read_lines
+from broker import codec
+from broker.errors import ConfigError, FedmqError
+from broker.task import TaskSpec
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    federation: str
+    task_json: str
+    rounds: int
+    min_devices: int
+
+    @property
+    def task(self) -> TaskSpec:
+        return TaskSpec.from_json(self.task_json)
+
+
+@dataclass
+class RunState:
+    completed_round: int = 0
+    checkpoint: str = ""
+    totals: dict = field(default_factory=dict)  # accepted, duplicate, late, rejected{reason}
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- layout ------------------------------------------------------------------
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def state_json(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def plot_png(self) -> Path:
+        return self.path / "metrics.png"
+
+    def checkpoint_path(self, round_: int) -> Path:
+        return self.path / "checkpoints" / f"round-{round_:06d}.safetensors"
+
+    def exists(self) -> bool:
+        return self.run_json.exists()
+
+    # -- creating and resuming ----------------------------------------------------
+    def create(self, spec: RunSpec, initial: dict[str, torch.Tensor]) -> RunState:
+        if self.exists():
+            raise ConfigError(
+                f"{self.path} already holds a run: add --resume to continue it, "
+                "or choose another --run-dir"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_json, json.dumps(asdict(spec), indent=2).encode())
+        state = RunState()
+        self.commit(state, 0, initial, None)
+        return state
+
+    def load(self) -> tuple[RunSpec, RunState, dict[str, torch.Tensor]]:
+        if not self.exists():
+            raise ConfigError(f"{self.path} holds no run to resume (no run.json)")
+        try:
+            spec = RunSpec(**json.loads(self.run_json.read_text()))
+            state = RunState(**json.loads(self.state_json.read_text()))
+            payload = self.checkpoint_path(state.completed_round).read_bytes()
+        except (OSError, ValueError, TypeError) as exc:
+            raise FedmqError(f"{self.path}: cannot read the run's state: {exc}") from None
+        tensors = codec.decode(payload, max_payload=len(payload)).tensors
+        self._drop_metrics_after(state.completed_round)
+        return spec, state, tensors
+
+    def commit(
+        self,
+        state: RunState,
+        completed_round: int,
+        tensors: dict[str, torch.Tensor],
+        metrics: dict | None,
+    ) -> None:
+        """Persist round ``completed_round``: checkpoint, metrics line, then state.json."""
+        path = self.checkpoint_path(completed_round)
+        atomic_write(path, codec.encode(tensors, {"round": str(completed_round)}))
+        if metrics is not None:
+            append_line(self.metrics_jsonl, json.dumps(metrics, sort_keys=True))
+        state.completed_round = completed_round
+        state.checkpoint = str(path.relative_to(self.path))
+        atomic_write(self.state_json, json.dumps(asdict(state), indent=2).encode())
+
+    def metrics(self) -> list[dict]:
+        return [json.loads(line) for line in read_lines(self.metrics_jsonl)]
+
+    def _drop_metrics_after(self, completed_round: int) -> None:
+        lines = read_lines(self.metrics_jsonl)
+        keep = [line for line in lines if json.loads(line).get("round", 0) <= completed_round]
+        if len(keep) != len(lines) or (
+            self.metrics_jsonl.exists() and not self.metrics_jsonl.read_text().endswith("\n")
+        ):
+            atomic_write(self.metrics_jsonl, "".join(line + "\n" for line in keep).encode())

@@ -1,0 +1,81 @@
+"""Sample-weighted federated averaging, folded one update at a time.
+
+``FoldedSum`` holds one float64 copy of the model, whatever the number of
+devices: each update is added as ``num_samples * weights`` the moment it is
+accepted, and ``average()`` divides once at the end. float64 accumulation of
+float32 weights makes the result independent of the arrival order in practice
+(products of a float32 and an integer weight are exact in float64), so a run
+that crashed and replayed its journal ends with the same model.
+
+Integer buffers (BatchNorm's ``num_batches_tracked``) are averaged and rounded
+back to their own dtype; nothing is silently cast to float on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+class FoldedSum:
+    def __init__(self, template: Tensors) -> None:
+        self._dtypes = {k: t.dtype for k, t in template.items()}
+        self._sum = {k: torch.zeros(t.shape, dtype=torch.float64) for k, t in template.items()}
+        self.total_weight = 0
+        self.count = 0
+
+    def fold(self, tensors: Tensors, weight: int) -> None:
+        if weight <= 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        if set(tensors) != set(self._sum):
+            raise ValueError("update does not have the model's tensors")
+        for name, acc in self._sum.items():
+            acc.add_(tensors[name].to(torch.float64), alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def average(self) -> dict[str, torch.Tensor]:
+        if self.total_weight == 0:
+            raise ValueError("nothing folded yet")
+        out = {}
+        for name, acc in self._sum.items():
+            mean = acc / self.total_weight
+            dtype = self._dtypes[name]
+            if dtype.is_floating_point:
+                out[name] = mean.to(dtype)
+            elif dtype == torch.bool:
+                out[name] = mean >= 0.5
+            else:
+                out[name] = torch.round(mean).to(dtype)
+        return out
+
+
+def fedavg(updates: Iterable[tuple[Tensors, int]]) -> dict[str, torch.Tensor]:
+    """The weighted mean of ``(tensors, num_samples)`` pairs (non-empty)."""
+    folded: FoldedSum | None = None
+    for tensors, weight in updates:
+        if folded is None:
+            folded = FoldedSum(tensors)
+        folded.fold(tensors, weight)
+    if folded is None:
+        raise ValueError("fedavg of no updates")
+    return folded.average()
+
+
+class WeightedMetrics:
+    """Sample-weighted means of the numbers devices report (train and eval loss, accuracy)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, int] = {}
+
+    def fold(self, metrics: Mapping[str, float], weight: int) -> None:
+        for key, value in metrics.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value) * weight
+            self._weights[key] = self._weights.get(key, 0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self._sums[k] / self._weights[k] for k in sorted(self._sums)}

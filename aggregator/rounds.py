@@ -1,0 +1,60 @@
+"""The rules of a round, as pure functions: who may contribute, and when it closes."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+ACCEPTED, REJECTED, DUPLICATE, LATE = "accepted", "rejected", "duplicate", "late"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # accepted | rejected | duplicate | late
+    reason: str = ""
+
+
+def admit(
+    *,
+    topic_device: str,
+    meta_device: str,
+    update_round: int,
+    base_hash: str,
+    current_round: int,
+    current_hash: str,
+    accepted_devices: Collection[str],
+) -> Verdict:
+    """Whether a well-formed update counts in the current round."""
+    if meta_device != topic_device:
+        return Verdict(REJECTED, "wrong_device")
+    if update_round < current_round:
+        return Verdict(LATE)
+    if update_round > current_round:
+        return Verdict(REJECTED, "future_round")
+    if base_hash != current_hash:
+        return Verdict(REJECTED, "stale")
+    if topic_device in accepted_devices:
+        return Verdict(DUPLICATE)
+    return Verdict(ACCEPTED)
+
+
+CLOSE, WAIT, SHORT = "close", "wait", "short"
+
+
+def close_decision(
+    *,
+    accepted: int,
+    min_devices: int,
+    present: Collection[str],
+    reporters: Collection[str],
+    elapsed: float,
+    deadline: float | None,
+) -> str:
+    """CLOSE when the quorum is met and every present device has reported, or at the
+    deadline with the quorum; SHORT at the deadline without it; else WAIT."""
+    quorum = accepted >= min_devices
+    if quorum and set(present) <= set(reporters):
+        return CLOSE
+    if deadline is not None and elapsed >= deadline:
+        return CLOSE if quorum else SHORT
+    return WAIT

@@ -1,0 +1,235 @@
+"""The device agent: a small, patient MQTT client that trains when a round starts.
+
+Network callbacks only put messages on a queue; the agent's own thread decodes,
+trains and publishes. The session is persistent and reconnects with backoff, so
+an update published while the link is down is sent when it comes back; the
+retained ``model`` tells a device that rebooted which round is running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import torch
+
+from broker import codec, messages, zoo
+from broker.connection import ConnectionSettings, connect_async, make_client
+from broker.errors import CodecError, DataError, FedmqError
+from broker.topics import Topics
+from device_agent.data import DataFile, open_data
+from device_agent.trainer import evaluate, train_local, training_seed
+
+log = logging.getLogger("fedmq.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    connection: ConnectionSettings
+    federation: str
+    device_id: str
+    data_path: Path
+    exit_when_done: bool = False  # leave once the aggregator publishes its final model
+    max_rounds: int | None = None  # leave after training this many rounds (testing, demos)
+    max_payload: int = codec.DEFAULT_MAX_PAYLOAD
+    sign: Callable[[dict, dict], str] | None = None  # (tensors, metadata) -> signature
+    verify_model: Callable[[dict, dict], None] | None = None  # raises CodecError if unsigned
+    threads: int | None = None  # torch threads for training
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, on_event: Callable[[str, dict], None] | None = None):
+        self.config = config
+        self.topics = Topics(config.federation)
+        self.data: DataFile = open_data(config.data_path)  # fail before connecting
+        self.on_event = on_event or (lambda kind, info: None)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._done_hashes: set[str] = set()
+        self.rounds_trained = 0
+        self._model_cache: tuple[str, torch.nn.Module] | None = None
+        self.client = make_client(
+            config.connection,
+            client_id=f"fedmq-device-{config.federation}-{config.device_id}",
+            will=(self.topics.status(config.device_id), self._status_payload("offline")),
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- network thread: route only -------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused connection: %s", reason_code)
+            if reason_code.value in (134, 135):  # bad user name or password / not authorized
+                self._inbox.put(("__fatal__", str(reason_code).encode()))
+            return
+        client.subscribe(
+            [
+                (self.topics.model, mqtt.SubscribeOptions(qos=1)),
+                (self.topics.state, mqtt.SubscribeOptions(qos=1)),
+            ]
+        )
+        self._publish_status("online")
+        self._connected.set()
+        self.on_event("connected", {})
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.put((msg.topic, msg.payload))
+
+    # -- agent thread ---------------------------------------------------------------
+    def run(self, timeout: float | None = None) -> int:
+        """Serve rounds until stopped, done, or ``timeout`` seconds pass. Returns an exit code."""
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        connect_async(self.client, self.config.connection, persistent=True)
+        self.client.loop_start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._stop.is_set():
+                if deadline is not None and time.monotonic() > deadline:
+                    return 2
+                try:
+                    topic, payload = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if topic == "__fatal__":
+                    raise FedmqError(f"broker refused the device's credentials: {payload.decode()}")
+                if topic == self.topics.model:
+                    payload = self._latest_model(payload)
+                    if self._handle_model(payload):
+                        return 0
+        finally:
+            self.close()
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._connected.is_set():
+            self._publish_status("offline").wait_for_publish(timeout=2)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _latest_model(self, payload: bytes) -> bytes:
+        """Several models queued while training: only the newest one matters."""
+        others = []
+        while True:
+            try:
+                topic, newer = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if topic == self.topics.model:
+                payload = newer
+            else:
+                others.append((topic, newer))
+        for item in others:
+            self._inbox.put(item)
+        return payload
+
+    def _handle_model(self, payload: bytes) -> bool:
+        """Train on a new global model. True when the agent should leave."""
+        if not payload:
+            return False  # retained model cleared
+        try:
+            model_msg = messages.decode_model(payload, max_payload=self.config.max_payload)
+            if self.config.verify_model is not None:
+                self.config.verify_model(model_msg.tensors, model_msg.metadata)
+        except CodecError as exc:
+            log.error("refused a global model (%s): %s", exc.reason, exc)
+            self.on_event("model_refused", {"reason": exc.reason})
+            return False
+        if model_msg.final:
+            self.on_event("done", {"round": model_msg.round})
+            log.info("the federation finished at round %d", model_msg.round)
+            return self.config.exit_when_done
+        if model_msg.model_hash in self._done_hashes:
+            return False  # seen again after a reconnect: already trained and published
+        self._train_and_publish(model_msg)
+        self._done_hashes.add(model_msg.model_hash)
+        self.rounds_trained += 1
+        return self.config.max_rounds is not None and self.rounds_trained >= self.config.max_rounds
+
+    def _model_for(self, msg: messages.ModelMessage) -> torch.nn.Module:
+        if self._model_cache is None or self._model_cache[0] != msg.task_json:
+            self._model_cache = (msg.task_json, zoo.build_model(msg.task.model))
+        model = self._model_cache[1]
+        model.load_state_dict(msg.tensors, strict=True)
+        return model
+
+    def _train_and_publish(self, msg: messages.ModelMessage) -> None:
+        cfg = self.config
+        self._publish_status("training", round_=msg.round)
+        started = time.monotonic()
+        data = self.data.dataset(msg.task.data.label)
+        model = self._model_for(msg)
+        source = str(data.path)
+        before = evaluate(model, data.X, data.y, msg.task.train, source)  # federated evaluation
+        seed = training_seed(msg.task.seed, msg.round, cfg.device_id)
+        result = train_local(model, data.X, data.y, msg.task.train, seed, source)
+        metrics = {
+            "train_loss": result.train_loss,
+            "eval_loss": before["loss"],
+            "train_seconds": time.monotonic() - started,
+        }
+        if "accuracy" in before:
+            metrics["eval_accuracy"] = before["accuracy"]
+        tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        meta = messages.update_metadata(
+            round_=msg.round,
+            device_id=cfg.device_id,
+            num_samples=result.num_samples,
+            base_hash=msg.model_hash,
+            metrics=metrics,
+        )
+        if cfg.sign is not None:
+            meta["signature"] = cfg.sign(tensors, meta)
+        payload = codec.encode(tensors, meta)
+        # QoS 1: if the link is down, paho keeps it and sends it after reconnecting
+        info = self.client.publish(self.topics.update(cfg.device_id), payload, qos=1)
+        self._publish_status("online", round_=msg.round)
+        log.info(
+            "round %d: trained on %d samples, loss %.4f, published %d bytes",
+            msg.round,
+            result.num_samples,
+            result.train_loss,
+            len(payload),
+        )
+        self.on_event("trained", {"round": msg.round, "metrics": metrics, "mid": info.mid})
+
+    def _status_payload(self, status: str, round_: int | None = None) -> bytes:
+        body = {
+            "status": status,
+            "device_id": self.config.device_id,
+            "capabilities": {"torch": torch.__version__, "machine": platform.machine()},
+        }
+        if round_ is not None:
+            body["round"] = round_
+        return json.dumps(body).encode()
+
+    def _publish_status(self, status: str, round_: int | None = None) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(
+            self.topics.status(self.config.device_id),
+            self._status_payload(status, round_),
+            qos=1,
+            retain=True,
+        )
+
+
+__all__ = ["Agent", "AgentConfig", "DataError"]

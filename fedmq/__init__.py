@@ -1,0 +1,1 @@
+"""fedmq: federated learning for fleets of small devices over MQTT (CLI and demo)."""

@@ -1,0 +1,553 @@
+"""The ``fedmq`` command: broker, agent, aggregator and demo.
+
+A thin layer: it parses options, calls the library, and turns fedmq's errors
+into one clear line on stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from fedmq.cli_common import (
+    connection_options,
+    fedmq_errors,
+    read_config,
+    resolve,
+    setup_logging,
+)
+
+log = logging.getLogger("fedmq.cli")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.version_option(package_name="fedmq")
+def main(verbose: int, quiet: bool) -> None:
+    """fedmq: federated learning for fleets of small devices over MQTT.
+
+    Devices keep their data; the model travels. Start a broker, an aggregator
+    and one agent per device, or run `fedmq demo` to see all of it at once.
+    """
+    setup_logging(-1 if quiet else verbose)
+
+
+def _register_broker_group() -> None:
+    from fedmq.cli_broker import broker
+
+    main.add_command(broker)
+
+
+_register_broker_group()
+
+
+def _stop_on_sigterm(stop) -> None:
+    """SIGTERM asks the loop to stop cleanly, like Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop())
+
+
+# -- agent ---------------------------------------------------------------------------
+@main.group()
+def agent() -> None:
+    """Run a device agent: train on local data each round, publish the update."""
+
+
+@agent.command("run")
+@connection_options
+@click.option(
+    "--device-id", envvar="FEDMQ_DEVICE_ID", help="This device's id. [env FEDMQ_DEVICE_ID]"
+)
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    envvar="FEDMQ_DATA",
+    help="Local data: CSV with a header (label column named by the task) or .npz with X and y.",
+)
+@click.option(
+    "--signing-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="FEDMQ_SIGNING_KEY",
+    help="Ed25519 private key to sign updates. [default from --config]",
+)
+@click.option(
+    "--model-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="FEDMQ_MODEL_KEY",
+    help="The aggregator's Ed25519 public key: refuse models it did not sign.",
+)
+@click.option("--exit-when-done", is_flag=True, help="Exit once the aggregator finishes its run.")
+@click.option(
+    "--max-rounds", type=click.IntRange(min=1), help="Exit after training this many rounds."
+)
+@click.option("--threads", type=click.IntRange(min=1), help="Torch threads for training.")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit code 2).")
+@fedmq_errors
+def agent_run(
+    config_file,
+    broker,
+    federation,
+    username,
+    password,
+    password_file,
+    ca_file,
+    cert_file,
+    key_file,
+    device_id,
+    data_path,
+    signing_key,
+    model_key,
+    exit_when_done,
+    max_rounds,
+    threads,
+    timeout,
+) -> None:
+    """Connect, wait for rounds, train on --data, publish updates. Raw data never leaves.
+
+    \b
+    Example (credentials from the file `fedmq broker add-device` printed):
+      fedmq agent run --config dev1.toml --data sensors.csv
+    """
+    from broker import signing
+    from broker.errors import ConfigError
+    from broker.topics import check_name
+    from device_agent.agent import Agent, AgentConfig
+
+    config = read_config(config_file)
+    settings, federation = resolve(
+        config,
+        broker=broker,
+        federation=federation,
+        username=username,
+        password=password,
+        password_file=password_file,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+    device_id = device_id or config.get("device_id") or settings.username
+    if not device_id:
+        raise ConfigError("no device id: pass --device-id ID (or --config FILE)")
+    check_name("device id", device_id)
+    signing_key = signing_key or config.get("signing_key")
+    model_key = model_key or config.get("model_key")
+    sign = verify = None
+    if signing_key:
+        private = signing.load_private(signing_key)
+        sign = lambda tensors, meta: signing.sign(private, tensors, meta)  # noqa: E731
+    if model_key:
+        public = signing.load_public(model_key)
+        verify = lambda tensors, meta: signing.verify(public, tensors, meta)  # noqa: E731
+    the_agent = Agent(
+        AgentConfig(
+            connection=settings,
+            federation=federation,
+            device_id=device_id,
+            data_path=data_path,
+            exit_when_done=exit_when_done,
+            max_rounds=max_rounds,
+            sign=sign,
+            verify_model=verify,
+            threads=threads,
+        )
+    )
+    log.info(
+        "device %s on %s, federation %s, data %s",
+        device_id,
+        settings.address,
+        federation,
+        data_path,
+    )
+    _stop_on_sigterm(the_agent.stop)
+    code = the_agent.run(timeout=timeout)
+    if code == 2:
+        raise click.ClickException(f"no finished run within {timeout:g}s")
+
+
+# -- aggregator ------------------------------------------------------------------------
+@main.group()
+def aggregator() -> None:
+    """Run a federation's aggregator, or talk to a running one."""
+
+
+@aggregator.command("start")
+@connection_options
+@click.option(
+    "--task",
+    "task_file",
+    type=click.Path(path_type=Path),
+    help="Task spec (TOML): model, training, data. Not needed with --resume.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Rounds to run in all.",
+)
+@click.option(
+    "--min-devices",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Quorum: updates needed to close a round.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0),
+    default=600,
+    show_default=True,
+    help="Seconds a round stays open waiting for present devices (0: no deadline).",
+)
+@click.option(
+    "--on-short",
+    type=click.Choice(["retry", "stop"]),
+    default="retry",
+    show_default=True,
+    help="At the deadline below quorum: retry the round or stop.",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for checkpoints, metrics.jsonl, the journal and the plot.",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir after its last round.")
+@click.option(
+    "--stop-after", type=click.IntRange(min=1), help="Stop (resumably) after completing this round."
+)
+@click.option(
+    "--signing-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="FEDMQ_SIGNING_KEY",
+    help="Aggregator's Ed25519 key: sign every model.",
+)
+@click.option(
+    "--device-keys",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="FEDMQ_DEVICE_KEYS",
+    help="Directory of <device>.pub keys: refuse unsigned or forged updates.",
+)
+@fedmq_errors
+def aggregator_start(
+    config_file,
+    broker,
+    federation,
+    username,
+    password,
+    password_file,
+    ca_file,
+    cert_file,
+    key_file,
+    task_file,
+    rounds,
+    min_devices,
+    deadline,
+    on_short,
+    run_dir,
+    resume,
+    stop_after,
+    signing_key,
+    device_keys,
+) -> None:
+    """Run rounds: announce the model, collect updates, average them, checkpoint, repeat.
+
+    \b
+    Example:
+      fedmq aggregator start --config aggregator.toml --task task.toml \\
+          --rounds 20 --min-devices 3 --run-dir runs/exp1
+    """
+    from aggregator.service import Aggregator, AggregatorConfig
+    from broker.errors import ConfigError
+    from broker.task import TaskSpec
+
+    config = read_config(config_file)
+    settings, federation = resolve(
+        config,
+        broker=broker,
+        federation=federation,
+        username=username,
+        password=password,
+        password_file=password_file,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+    if task_file is None and not resume:
+        raise ConfigError("a new run needs --task FILE (or --resume to continue one)")
+    task = TaskSpec.load(task_file) if task_file else None
+    sign_model, verify_update = signing_hooks(
+        signing_key or config.get("signing_key"), device_keys or config.get("device_keys")
+    )
+    service = Aggregator(
+        AggregatorConfig(
+            connection=settings,
+            federation=federation,
+            run_dir=run_dir,
+            task=task,
+            rounds=rounds,
+            min_devices=min_devices,
+            deadline=deadline or None,
+            on_short=on_short,
+            resume=resume,
+            stop_after=stop_after,
+            sign_model=sign_model,
+            verify_update=verify_update,
+        ),
+        on_event=None,
+    )
+    _stop_on_sigterm(service.stop)
+    with RoundProgress(service) as progress:
+        service.on_event = progress.event
+        service.run()
+    click.echo(
+        f"run directory: {run_dir} ({service.phase} after round {service.state.completed_round})"
+    )
+
+
+def signing_hooks(signing_key, device_keys):
+    """(sign_model, verify_update) callables from key paths; None where not configured."""
+    from broker import signing
+    from broker.errors import CodecError
+
+    sign_model = verify_update = None
+    if signing_key:
+        private = signing.load_private(signing_key)
+        sign_model = lambda tensors, meta: signing.sign(private, tensors, meta)  # noqa: E731
+    if device_keys:
+        keys_dir = Path(device_keys)
+
+        def verify_update(device_id, tensors, meta):
+            key_path = keys_dir / f"{device_id}.pub"
+            if not key_path.is_file():
+                raise CodecError(f"no public key for device {device_id!r}", reason="unknown_device")
+            signing.verify(signing.load_public(key_path), tensors, meta)
+
+    return sign_model, verify_update
+
+
+class RoundProgress:
+    """A live rich progress bar over rounds, fed by the aggregator's events."""
+
+    def __init__(self, service) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.service = service
+        self.progress = Progress(
+            TextColumn("[bold]round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self.task_id = self.progress.add_task(
+            "starting", total=service.spec.rounds, completed=service.state.completed_round
+        )
+
+    def __enter__(self) -> RoundProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def event(self, kind: str, info: dict) -> None:
+        svc = self.service
+        if kind == "round_done":
+            self.progress.update(self.task_id, completed=info["round"])
+            parts = [f"round {info['round']}: {info['devices']} devices"]
+            for key, label in (
+                ("train_loss", "train loss"),
+                ("eval_loss", "eval loss"),
+                ("eval_accuracy", "eval acc"),
+            ):
+                if key in info:
+                    parts.append(f"{label} {info[key]:.4f}")
+            parts.append(f"{info['seconds']:.1f}s")
+            self.progress.console.print(", ".join(parts))
+        elif kind in ("update", "round_open", "device", "control"):
+            current = svc.current
+            accepted = current.folded.count if current else 0
+            online = sum(1 for s in svc.status.values() if s in ("online", "training"))
+            self.progress.update(
+                self.task_id,
+                description=f"{svc.phase}: {accepted}/{svc.spec.min_devices} updates, "
+                f"{online} devices online",
+            )
+
+
+@aggregator.command("status")
+@connection_options
+@click.option(
+    "--timeout",
+    type=float,
+    default=5,
+    show_default=True,
+    help="Seconds to wait for the retained state.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON state.")
+@fedmq_errors
+def aggregator_status(
+    config_file,
+    broker,
+    federation,
+    username,
+    password,
+    password_file,
+    ca_file,
+    cert_file,
+    key_file,
+    timeout,
+    as_json,
+) -> None:
+    """Show the running aggregator's state: round, phase, devices, refusals."""
+    from fedmq.operator import read_state
+
+    config = read_config(config_file)
+    settings, federation = resolve(
+        config,
+        broker=broker,
+        federation=federation,
+        username=username,
+        password=password,
+        password_file=password_file,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+    state = read_state(settings, federation, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(state, indent=2, sort_keys=True))
+        return
+    click.echo(format_state(state))
+
+
+def format_state(state: dict) -> str:
+    totals = state.get("totals", {})
+    rejected = totals.get("rejected", {})
+    lines = [
+        f"federation {state.get('federation')}: round {state.get('round')} of "
+        f"{state.get('rounds')}, {state.get('phase')}",
+        f"devices online: {', '.join(state.get('devices', {}).get('online', [])) or 'none'}",
+        f"updates accepted {totals.get('accepted', 0)}, duplicate {totals.get('duplicate', 0)}, "
+        f"late {totals.get('late', 0)}, rejected {sum(rejected.values())}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))})" if rejected else ""),
+    ]
+    metrics = state.get("last_metrics") or {}
+    if metrics:
+        shown = ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in metrics.items()
+            if k not in ("rejected",)
+        )
+        lines.append(f"last round: {shown}")
+    age = time.time() - state.get("time", time.time())
+    lines.append(f"state published {age:.0f}s ago")
+    return "\n".join(lines)
+
+
+def _control_command(name: str, help_text: str, expect: set[str]) -> None:
+    @aggregator.command(name, help=help_text)
+    @connection_options
+    @click.option(
+        "--timeout",
+        type=float,
+        default=10,
+        show_default=True,
+        help="Seconds to wait for the aggregator to confirm.",
+    )
+    @fedmq_errors
+    def command(
+        config_file,
+        broker,
+        federation,
+        username,
+        password,
+        password_file,
+        ca_file,
+        cert_file,
+        key_file,
+        timeout,
+    ) -> None:
+        from fedmq.operator import send_control
+
+        config = read_config(config_file)
+        settings, federation = resolve(
+            config,
+            broker=broker,
+            federation=federation,
+            username=username,
+            password=password,
+            password_file=password_file,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
+        state = send_control(settings, federation, name, expect_phases=expect, timeout=timeout)
+        click.echo(f"{name}: aggregator is {state.get('phase')} at round {state.get('round')}")
+
+
+_control_command("pause", "Pause: keep collecting updates but do not close rounds.", {"paused"})
+_control_command("resume", "Resume a paused aggregator.", {"collecting", "aggregating"})
+_control_command(
+    "stop", "Stop the aggregator cleanly; continue later with --resume.", {"stopped", "done"}
+)
+
+
+# -- demo ----------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--devices",
+    type=click.IntRange(min=1, max=32),
+    default=3,
+    show_default=True,
+    help="Device agents to start, each with its own subjects' data.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Federated rounds. [default: the demo task's]",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed for data split and model."
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to leave data, broker, checkpoints, metrics and plot. [default: runs/demo-<time>]",
+)
+@fedmq_errors
+def demo(devices: int, rounds: int | None, seed: int, run_dir: Path | None) -> None:
+    """Federated learning on real smartwatch data, on this machine, end to end.
+
+    Starts a secured mosquitto on a free port, an aggregator and N device agents,
+    each holding whole subjects of seglearn's watch data set (6-axis inertial data
+    of 10 people doing 7 shoulder exercises), runs the rounds with live progress,
+    and compares the federated model with the same model trained centrally,
+    both on subjects no device has seen.
+    """
+    from fedmq.demo.run import run_demo
+
+    run_demo(devices=devices, rounds=rounds, seed=seed, run_dir=run_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Options shared by the CLI's commands: how to reach the broker and who we are.
+
+Each value comes, in this order, from its flag, its ``FEDMQ_*`` environment
+variable, or the credentials file given with ``--config`` (what
+``fedmq broker add-device`` writes). Secrets belong in the file or the
+environment: a password on the command line shows in ``ps``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from broker.connection import ConnectionSettings, settings_from
+from broker.errors import ConfigError
+
+
+def connection_options(func: Callable) -> Callable:
+    """--config, --broker, --federation and the credential flags."""
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="FEDMQ_CONFIG",
+            help="Credentials file (TOML) written by `fedmq broker add-device` or `broker init`. "
+            "[env FEDMQ_CONFIG]",
+        ),
+        click.option(
+            "--broker",
+            envvar="FEDMQ_BROKER",
+            help="Broker address HOST:PORT. [env FEDMQ_BROKER; default from --config]",
+        ),
+        click.option(
+            "--federation",
+            envvar="FEDMQ_FEDERATION",
+            help="Federation name (topic root fedmq/<name>/). [env FEDMQ_FEDERATION]",
+        ),
+        click.option("--username", envvar="FEDMQ_USERNAME", help="MQTT user. [env FEDMQ_USERNAME]"),
+        click.option(
+            "--password",
+            envvar="FEDMQ_PASSWORD",
+            help="MQTT password; prefer the env var or --password-file. [env FEDMQ_PASSWORD]",
+        ),
+        click.option(
+            "--password-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="FEDMQ_PASSWORD_FILE",
+            help="File holding the MQTT password. [env FEDMQ_PASSWORD_FILE]",
+        ),
+        click.option(
+            "--ca-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="FEDMQ_CA_FILE",
+            help="CA certificate: connect with TLS and verify the broker. [env FEDMQ_CA_FILE]",
+        ),
+        click.option(
+            "--cert-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="FEDMQ_CERT_FILE",
+            help="Client certificate, when the broker requires one. [env FEDMQ_CERT_FILE]",
+        ),
+        click.option(
+            "--key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="FEDMQ_KEY_FILE",
+            help="Private key of the client certificate. [env FEDMQ_KEY_FILE]",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def read_config(config_file: Path | None) -> dict[str, Any]:
+    if config_file is None:
+        return {}
+    from broker.home import load_credentials
+
+    return load_credentials(config_file)
+
+
+def resolve(
+    config: dict[str, Any],
+    *,
+    broker: str | None,
+    federation: str | None,
+    username: str | None,
+    password: str | None,
+    password_file: Path | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+) -> tuple[ConnectionSettings, str]:
+    """Flags override the credentials file. Returns (connection settings, federation)."""
+    broker = broker or config.get("broker")
+    federation = federation or config.get("federation")
+    if not broker:
+        raise ConfigError("no broker address: pass --broker HOST:PORT (or --config FILE)")
+    if not federation:
+        raise ConfigError("no federation: pass --federation NAME (or --config FILE)")
+    settings = settings_from(
+        broker,
+        username=username or config.get("username"),
+        password=password if password is not None else config.get("password"),
+        password_file=password_file,
+        ca_file=ca_file or config.get("ca_file"),
+        cert_file=cert_file or config.get("cert_file"),
+        key_file=key_file or config.get("key_file"),
+    )
+    return settings, federation
+
+
+def fedmq_errors(func: Callable) -> Callable:
+    """Anticipated errors become one line on stderr and exit code 1; Ctrl-C exits 130."""
+    from broker.errors import FedmqError
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FedmqError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
+
+    return wrapper
+
+
+def setup_logging(verbose: int) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False)],
+        force=True,
+    )
+    logging.getLogger("fedmq").setLevel(level)
