@@ -165,6 +165,7 @@ class Aggregator:
             return self._loop(timeout)
         finally:
             self._publish_state(force=True)
+            self._stop.set()  # from here on a disconnect is ours, not a lost link
             self.client.disconnect()
             self.client.loop_stop()
 

@@ -117,10 +117,10 @@ def agent_run(
     Example (credentials from the file `fedmq broker add-device` printed):
       fedmq agent run --config dev1.toml --data sensors.csv
     """
-    from broker import signing
     from broker.errors import ConfigError
     from broker.topics import check_name
     from device_agent.agent import Agent, AgentConfig
+    from fedmq.signing_hooks import agent_hooks
 
     config = read_config(config_file)
     settings, federation = resolve(
@@ -138,15 +138,9 @@ def agent_run(
     if not device_id:
         raise ConfigError("no device id: pass --device-id ID (or --config FILE)")
     check_name("device id", device_id)
-    signing_key = signing_key or config.get("signing_key")
-    model_key = model_key or config.get("model_key")
-    sign = verify = None
-    if signing_key:
-        private = signing.load_private(signing_key)
-        sign = lambda tensors, meta: signing.sign(private, tensors, meta)  # noqa: E731
-    if model_key:
-        public = signing.load_public(model_key)
-        verify = lambda tensors, meta: signing.verify(public, tensors, meta)  # noqa: E731
+    sign, verify = agent_hooks(
+        signing_key or config.get("signing_key"), model_key or config.get("model_key")
+    )
     the_agent = Agent(
         AgentConfig(
             connection=settings,
@@ -269,6 +263,7 @@ def aggregator_start(
     from aggregator.service import Aggregator, AggregatorConfig
     from broker.errors import ConfigError
     from broker.task import TaskSpec
+    from fedmq.signing_hooks import aggregator_hooks
 
     config = read_config(config_file)
     settings, federation = resolve(
@@ -285,7 +280,7 @@ def aggregator_start(
     if task_file is None and not resume:
         raise ConfigError("a new run needs --task FILE (or --resume to continue one)")
     task = TaskSpec.load(task_file) if task_file else None
-    sign_model, verify_update = signing_hooks(
+    sign_model, verify_update = aggregator_hooks(
         signing_key or config.get("signing_key"), device_keys or config.get("device_keys")
     )
     service = Aggregator(
@@ -312,27 +307,6 @@ def aggregator_start(
     click.echo(
         f"run directory: {run_dir} ({service.phase} after round {service.state.completed_round})"
     )
-
-
-def signing_hooks(signing_key, device_keys):
-    """(sign_model, verify_update) callables from key paths; None where not configured."""
-    from broker import signing
-    from broker.errors import CodecError
-
-    sign_model = verify_update = None
-    if signing_key:
-        private = signing.load_private(signing_key)
-        sign_model = lambda tensors, meta: signing.sign(private, tensors, meta)  # noqa: E731
-    if device_keys:
-        keys_dir = Path(device_keys)
-
-        def verify_update(device_id, tensors, meta):
-            key_path = keys_dir / f"{device_id}.pub"
-            if not key_path.is_file():
-                raise CodecError(f"no public key for device {device_id!r}", reason="unknown_device")
-            signing.verify(signing.load_public(key_path), tensors, meta)
-
-    return sign_model, verify_update
 
 
 class RoundProgress:

@@ -1,0 +1,129 @@
+"""A whole federation on this machine: a secured mosquitto, agents, an aggregator.
+
+Used by ``fedmq demo``, the bob-and-alice example, the chaos script and the
+tests. The broker is a real mosquitto configured by ``BrokerHome`` (accounts,
+ACL, TLS) on free loopback ports; agents run as real ``fedmq agent run``
+processes or in threads; the aggregator gets its config from here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from aggregator.service import AggregatorConfig
+from broker.home import BrokerHome, load_credentials, settings_from_credentials
+from broker.launcher import RunningBroker, free_port
+from broker.task import TaskSpec
+from device_agent.agent import AgentConfig
+from fedmq.signing_hooks import agent_hooks, aggregator_hooks
+
+AGGREGATOR = "fedmq-aggregator"
+OPERATOR = "fedmq-operator"
+
+
+class LocalFederation:
+    def __init__(self, home: BrokerHome, name: str, devices: list[str]) -> None:
+        self.home = home
+        self.name = name
+        self.devices = devices
+        self.port = free_port() if home.plaintext else None
+        self.tls_port = free_port() if home.tls else None
+        self.broker: RunningBroker | None = None
+        self.procs: list[subprocess.Popen] = []
+
+    @classmethod
+    def create(cls, path: Path, name: str, devices: list[str], **home_options) -> LocalFederation:
+        home = BrokerHome.create(path, name, **home_options)
+        for device in devices:
+            home.add_device(device)
+        return cls(home, name, list(devices))
+
+    # -- broker ----------------------------------------------------------------------
+    def start_broker(self) -> RunningBroker:
+        self.broker = self.home.start(self.port, self.tls_port)
+        return self.broker
+
+    def stop_broker(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()
+
+    def restart_broker(self) -> None:
+        self.stop_broker()
+        self.start_broker()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self.stop_broker()
+
+    def __enter__(self) -> LocalFederation:
+        self.start_broker()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- accounts ----------------------------------------------------------------------
+    def credentials(self, account: str) -> Path:
+        return self.home.credentials_path(account)
+
+    def settings(self, account: str):
+        return settings_from_credentials(self.credentials(account))
+
+    def agent_config(self, device: str, data: Path, **options) -> AgentConfig:
+        creds = load_credentials(self.credentials(device))
+        sign, verify = agent_hooks(creds["signing_key"], creds["model_key"])
+        return AgentConfig(
+            connection=settings_from_credentials(creds),
+            federation=self.name,
+            device_id=device,
+            data_path=data,
+            sign=sign,
+            verify_model=verify,
+            **options,
+        )
+
+    def aggregator_config(self, run_dir: Path, task: TaskSpec | None, **options) -> AggregatorConfig:
+        creds = load_credentials(self.credentials(AGGREGATOR))
+        sign_model, verify_update = aggregator_hooks(creds["signing_key"], creds["device_keys"])
+        return AggregatorConfig(
+            connection=settings_from_credentials(creds),
+            federation=self.name,
+            run_dir=run_dir,
+            task=task,
+            sign_model=sign_model,
+            verify_update=verify_update,
+            **options,
+        )
+
+    # -- processes -----------------------------------------------------------------------
+    def spawn(self, *args: str, log: Path | None = None) -> subprocess.Popen:
+        """``fedmq ARGS`` as a child process; ``close`` kills what is still running."""
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedmq.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        finally:
+            if log:
+                out.close()
+        self.procs.append(proc)
+        return proc
+
+    def spawn_agent(self, device: str, data: Path, *extra: str, log: Path | None = None):
+        args = ["agent", "run", "--config", str(self.credentials(device)), "--data", str(data)]
+        return self.spawn(*args, "--threads", "1", *extra, log=log)
+
+    def spawn_aggregator(self, *extra: str, log: Path | None = None):
+        return self.spawn(
+            "aggregator", "start", "--config", str(self.credentials(AGGREGATOR)), *extra, log=log
+        )

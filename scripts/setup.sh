@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install what fedmq needs on a Debian machine (run as root for apt):
+# mosquitto + clients, a virtualenv in .venv, CPU torch, and fedmq with its extras.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EXTRAS="${1:-demo,dev}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"   # the CPU wheel; a bare `torch` would pull CUDA
+
+apt_install() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: need root to apt-get install $*" >&2
+        exit 1
+    fi
+    if [ -z "${FEDMQ_APT_UPDATED:-}" ]; then
+        apt-get update -qq
+        export FEDMQ_APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_sub >/dev/null; then
+    echo "setup: installing mosquitto and mosquitto-clients"
+    apt_install mosquitto mosquitto-clients
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PY" -m venv --help >/dev/null 2>&1 || ! "$PY" -c "import ensurepip" 2>/dev/null; then
+        echo "setup: installing python3-venv"
+        apt_install python3-venv
+    fi
+    echo "setup: creating .venv"
+    "$PY" -m venv .venv
+fi
+
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    echo "setup: installing torch==$TORCH_VERSION (CPU)"
+    .venv/bin/pip install -q "torch==$TORCH_VERSION"
+fi
+if ! .venv/bin/python -c "import fedmq, broker, aggregator, device_agent" 2>/dev/null \
+    || [ pyproject.toml -nt .venv/.fedmq-installed ]; then
+    echo "setup: installing fedmq[$EXTRAS]"
+    .venv/bin/pip install -q -e ".[$EXTRAS]"
+    touch .venv/.fedmq-installed
+fi
