@@ -44,8 +44,8 @@ class AggregatorConfig:
     federation: str
     run_dir: Path
     task: TaskSpec | None = None  # None when resuming: the run directory has it
-    rounds: int = 10
-    min_devices: int = 1
+    rounds: int | None = None  # None: 10 for a new run, the run's own when resuming
+    min_devices: int | None = None  # None: 1 for a new run, the run's own when resuming
     deadline: float | None = 600.0  # seconds a round may stay open; None waits forever
     on_short: str = "retry"  # at the deadline without quorum: "retry" the round or "stop"
     resume: bool = False
@@ -101,16 +101,21 @@ class Aggregator:
                     f"{config.run_dir} belongs to federation {self.spec.federation!r}, "
                     f"not {config.federation!r}"
                 )
-            if self.spec.rounds != config.rounds and config.rounds:
-                self.spec = RunSpec(**{**self.spec.__dict__, "rounds": config.rounds})
+            changes = {
+                k: v
+                for k, v in (("rounds", config.rounds), ("min_devices", config.min_devices))
+                if v is not None and v != getattr(self.spec, k)
+            }
+            if changes:  # e.g. more rounds for a finished run
+                self.spec = RunSpec(**{**self.spec.__dict__, **changes})
         else:
             if config.task is None:
                 raise FedmqError("a new run needs a task (--task FILE)")
             self.spec = RunSpec(
                 federation=config.federation,
                 task_json=config.task.to_json(),
-                rounds=config.rounds,
-                min_devices=config.min_devices,
+                rounds=config.rounds or 10,
+                min_devices=config.min_devices or 1,
             )
             self.weights = initial_weights(config.task)
             self.state = self.run_dir.create(self.spec, self.weights)
@@ -285,23 +290,25 @@ class Aggregator:
                 self.config.verify_update(update.device_id, update.tensors, update.metadata)
         except CodecError as exc:
             verdict = rounds.Verdict(rounds.REJECTED, exc.reason)
-            log.warning(
-                "round %d: refused update from %s: %s (%s)",
-                current.number,
-                topic_device,
-                exc.reason,
-                exc,
-            )
+            detail = f" ({exc})"
+        else:
+            detail = ""
         if verdict.outcome == rounds.ACCEPTED:
             current.journal.record_accepted(digest, topic_device, item.payload)
             current.folded.fold(update.tensors, update.num_samples)
             current.metrics.fold(update.metrics, update.num_samples)
         else:
             current.journal.record(digest, topic_device, verdict.outcome, verdict.reason)
-            if verdict.outcome != rounds.REJECTED:
-                log.info(
-                    "round %d: %s update from %s", current.number, verdict.outcome, topic_device
-                )
+            level = logging.WARNING if verdict.outcome == rounds.REJECTED else logging.INFO
+            log.log(
+                level,
+                "round %d: %s update from %s%s%s",
+                current.number,
+                verdict.outcome,
+                topic_device,
+                f": {verdict.reason}" if verdict.reason else "",
+                detail,
+            )
         self._state_dirty = True
         self.on_event(
             "update",

@@ -22,9 +22,7 @@ import torch
 from safetensors.torch import save as _st_save
 
 from broker.errors import CodecError
-
-DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024  # bytes; mosquitto's message_size_limit matches
-DEFAULT_MAX_HEADER = 1024 * 1024  # bytes of JSON header
+from broker.limits import DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD
 
 REASONS = (
     "oversize",  # payload larger than the size limit
@@ -112,6 +110,10 @@ def decode(
         raise CodecError(f"payload is {size} bytes, limit is {max_payload}", reason="oversize")
     if size < 8:
         raise CodecError(f"payload of {size} bytes is not safetensors", reason="not_safetensors")
+    if size > 8 and payload[8:9] not in (b"{", b" "):
+        raise CodecError(
+            "payload does not start with a safetensors header", reason="not_safetensors"
+        )
     (header_len,) = struct.unpack("<Q", payload[:8])
     if header_len > max_header:
         raise CodecError(
@@ -128,7 +130,7 @@ def decode(
         raise CodecError("header does not start with a JSON object", reason="not_safetensors")
     try:
         header = json.loads(raw_header)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CodecError(f"header is not valid JSON: {exc}", reason="bad_header") from None
     if not isinstance(header, dict):
         raise CodecError("header is not a JSON object", reason="bad_header")
@@ -170,7 +172,7 @@ def _read_entries(header: dict, data_len: int) -> dict[str, tuple[str, tuple[int
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise CodecError(f"tensor entry {name!r} is malformed", reason="bad_header")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CodecError(
                 f"tensor {name!r} has unsupported dtype {dtype!r}", reason="bad_header"
             )
@@ -178,6 +180,7 @@ def _read_entries(header: dict, data_len: int) -> dict[str, tuple[str, tuple[int
             isinstance(shape, list)
             and len(shape) <= 8
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and math.prod(max(d, 1) for d in shape) < 2**63  # torch sizes/strides are int64
         ):
             raise CodecError(f"tensor {name!r} has an invalid shape {shape!r}", reason="bad_header")
         if not (

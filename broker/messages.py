@@ -151,13 +151,13 @@ def decode_update(
     metrics_raw = _required(meta, "metrics")
     try:
         metrics = json.loads(metrics_raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CodecError("metadata 'metrics' is not JSON", reason="bad_metadata") from None
     if not isinstance(metrics, dict) or not all(
         isinstance(k, str)
         and isinstance(v, (int, float))
         and not isinstance(v, bool)
-        and math.isfinite(v)
+        and (math.isfinite(v) if isinstance(v, float) else abs(v) < 2**1023)  # float(v) fits
         for k, v in metrics.items()
     ):
         raise CodecError(

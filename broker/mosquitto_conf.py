@@ -10,7 +10,7 @@ import getpass
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.codec import DEFAULT_MAX_PAYLOAD
+from broker.limits import DEFAULT_MAX_PAYLOAD
 
 
 @dataclass(frozen=True)

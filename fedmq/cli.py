@@ -184,16 +184,14 @@ def aggregator() -> None:
 @click.option(
     "--rounds",
     type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help="Rounds to run in all.",
+    default=None,
+    help="Rounds to run in all. [default: 10; with --resume: the run's own]",
 )
 @click.option(
     "--min-devices",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Quorum: updates needed to close a round.",
+    default=None,
+    help="Quorum: updates needed to close a round. [default: 1; with --resume: the run's own]",
 )
 @click.option(
     "--deadline",

@@ -16,7 +16,7 @@ from broker.topics import Topics
 CONTROL_EXPIRY = 60  # seconds: a command is not delivered to an aggregator that starts later
 
 
-class _StateWatcher:
+class StateWatcher:
     """A short-lived client that subscribes to the retained state and queues each version."""
 
     def __init__(self, settings: ConnectionSettings, federation: str) -> None:
@@ -42,7 +42,7 @@ class _StateWatcher:
         except ValueError:
             pass
 
-    def __enter__(self) -> _StateWatcher:
+    def __enter__(self) -> StateWatcher:
         connect_async(self.client, self.settings, persistent=False)
         self.client.loop_start()
         return self
@@ -65,7 +65,7 @@ class _StateWatcher:
 
 
 def read_state(settings: ConnectionSettings, federation: str, timeout: float = 5) -> dict:
-    with _StateWatcher(settings, federation) as watcher:
+    with StateWatcher(settings, federation) as watcher:
         return watcher.next_state(timeout)
 
 
@@ -78,7 +78,7 @@ def send_control(
     timeout: float = 10,
 ) -> dict:
     """Publish a command and wait until the retained state shows one of ``expect_phases``."""
-    with _StateWatcher(settings, federation) as watcher:
+    with StateWatcher(settings, federation) as watcher:
         state = watcher.next_state(timeout)  # also proves we are connected and subscribed
         if state.get("phase") in ("done",) and command != "stop":
             raise FedmqError(f"the aggregator's run is already {state['phase']}")

@@ -1,0 +1,77 @@
+"""The mosquitto ACL of one federation, and the rules for account names.
+
+Devices are covered by ``pattern`` lines (``%u`` is the username, which is the
+device id), so adding or removing a device never changes the ACL text:
+
+    device            write updates/<itself>, status/<itself>; read model, state
+    aggregator        write model, state; read updates/+, status/+, control, model, state
+    operator          write control; read state
+
+Patterns apply to every account, so the two service accounts get explicit
+``deny`` lines for what the device patterns would otherwise hand them
+(mosquitto checks an account's own lines, denials first, before any pattern).
+"""
+
+from __future__ import annotations
+
+from broker.errors import ConfigError
+from broker.topics import Topics, check_name
+
+AGGREGATOR_USER = "fedmq-aggregator"
+OPERATOR_USER = "fedmq-operator"
+RESERVED_PREFIX = "fedmq-"
+
+
+def check_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it may name a device account, else raise ConfigError."""
+    try:
+        check_name("device id", device_id)
+    except ValueError as exc:  # older topics.check_name raised ValueError
+        raise ConfigError(str(exc)) from None
+    if device_id.lower().startswith(RESERVED_PREFIX):
+        raise ConfigError(
+            f"device id {device_id!r} is reserved: ids starting with {RESERVED_PREFIX!r} "
+            "name fedmq's own accounts"
+        )
+    return device_id
+
+
+def render_acl(
+    federation: str,
+    aggregator_user: str = AGGREGATOR_USER,
+    operator_user: str = OPERATOR_USER,
+) -> str:
+    """The text of the ``acl_file`` for ``federation``."""
+    t = Topics(federation)
+    update_pattern = f"{t.base}/updates/%u"
+    status_pattern = f"{t.base}/status/%u"
+
+    def service(user: str, lines: list[str]) -> list[str]:
+        # what the device patterns would give this account under its own name
+        denied = [f"topic deny {t.update(user)}", f"topic deny {t.status(user)}"]
+        return ["", f"user {user}", *denied, *lines]
+
+    out = [
+        f"# fedmq ACL for federation {federation!r}: written by fedmq, edits are overwritten",
+        "",
+        "# devices (username = device id)",
+        f"pattern write {update_pattern}",
+        f"pattern write {status_pattern}",
+        f"pattern read {t.model}",
+        f"pattern read {t.state}",
+    ]
+    out += service(
+        aggregator_user,
+        [
+            f"topic readwrite {t.model}",
+            f"topic readwrite {t.state}",
+            f"topic read {t.updates_filter}",
+            f"topic read {t.status_filter}",
+            f"topic read {t.control}",
+        ],
+    )
+    out += service(
+        operator_user,
+        [f"topic deny {t.model}", f"topic write {t.control}", f"topic read {t.state}"],
+    )
+    return "\n".join(out) + "\n"

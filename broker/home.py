@@ -1,0 +1,543 @@
+"""``BrokerHome``: the directory that holds one federation's secured mosquitto.
+
+    home.toml             settings: federation, host names, tls / client_certs / plaintext
+    accounts.json         which accounts exist and their roles (no secrets)
+    passwd, acl           mosquitto's password file (0600) and ACL
+    mosquitto.conf        written by ``write_config``; mosquitto.log next to it
+    pki/                  ca.key (0600), ca.crt, server.key (0600), server.crt
+    keys/                 aggregator.key (0600), aggregator.pub, devices/<id>.pub
+    credentials/          <account>.toml (0600) plus the files they point at:
+                          ca.crt, aggregator.pub, <id>.ed25519, <account>.crt/.key
+    data/                 mosquitto persistence and mosquitto.pid
+
+A credentials file is everything one process needs to reach the broker; a
+device's bundle is its .toml plus the files named in it (``bundle_files``).
+``load_credentials`` and ``settings_from_credentials`` read one back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from broker.acl import AGGREGATOR_USER, OPERATOR_USER, check_device_id, render_acl
+from broker.connection import ConnectionSettings, parse_address
+from broker.errors import BrokerError, ConfigError
+from broker.launcher import RunningBroker, start_mosquitto
+from broker.mosquitto_conf import MosquittoConfig, render
+from broker.passwords import (
+    generate_password,
+    hash_password,
+    read_password_file,
+    write_password_hashes,
+    write_secret_file,
+)
+from broker.pki import CertificateAuthority
+from broker.signing import generate_keypair, load_public
+from broker.topics import check_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+HOME_FILE = "home.toml"
+ROLES = {AGGREGATOR_USER: "aggregator", OPERATOR_USER: "operator"}
+PATH_KEYS = ("ca_file", "cert_file", "key_file", "signing_key", "model_key", "device_keys")
+STRING_KEYS = ("federation", "broker", "username", "password", "device_id", "role")
+_WILDCARD_BINDS = ("", "0.0.0.0", "::", "*")
+
+
+# --------------------------------------------------------------------------- TOML
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(values: Mapping[str, Any], header: str = "") -> str:
+    """A flat TOML document (strings, bools, ints, lists of them)."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {what} is not valid TOML: {exc}") from None
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def load_credentials(path: str | Path) -> dict[str, Any]:
+    """Read and check a credentials file; ConfigError naming the file on any problem.
+
+    Returns every key of the file; the known ones are checked, string keys
+    missing from the file are ``None`` (``broker`` is ``""``), and the path keys
+    (``ca_file`` ... ``device_keys``) are ``Path``s resolved against the file's
+    directory, ``None`` when absent. Unknown keys are passed through unchanged.
+    """
+    path = Path(path)
+    raw = _read_toml(path, "credentials file")
+    out: dict[str, Any] = dict(raw)
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"{path}: {message}")
+
+    for key in (*STRING_KEYS, *PATH_KEYS):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise fail(f"{key} must be a string, not {type(value).__name__}")
+        out[key] = value
+    for key in ("federation", "username", "password"):
+        if not raw.get(key):
+            raise fail(f"{key} is missing")
+    for kind, key in (("federation name", "federation"), ("device id", "device_id")):
+        if out[key] is not None:
+            try:
+                check_name(kind, out[key])
+            except (ValueError, ConfigError) as exc:
+                raise fail(str(exc)) from None
+    out["broker"] = out["broker"] or ""
+    if out["broker"]:
+        try:
+            parse_address(out["broker"])
+        except ConfigError as exc:
+            raise fail(str(exc)) from None
+    for key in PATH_KEYS:
+        if out[key] is None:
+            continue
+        resolved = (path.parent / out[key]).resolve()
+        exists = resolved.is_dir() if key == "device_keys" else resolved.is_file()
+        if not exists:
+            raise fail(f"{key} {out[key]!r} not found (looked for {resolved})")
+        out[key] = resolved
+    if (out["cert_file"] is None) != (out["key_file"] is None):
+        raise fail("cert_file and key_file go together: give both or neither")
+    if out["cert_file"] is not None and out["ca_file"] is None:
+        raise fail("a client certificate needs ca_file (TLS)")
+    return out
+
+
+def settings_from_credentials(
+    credentials: str | Path | Mapping[str, Any], broker: str | None = None
+) -> ConnectionSettings:
+    """``ConnectionSettings`` from a credentials file (or its loaded dict).
+
+    ``broker`` ("HOST:PORT") overrides the file's address; one of them must be set.
+    """
+    creds = credentials if isinstance(credentials, Mapping) else load_credentials(credentials)
+    address = broker or creds.get("broker") or ""
+    if not address:
+        where = credentials if not isinstance(credentials, Mapping) else "the credentials"
+        raise ConfigError(f"{where}: no broker address: pass --broker HOST:PORT")
+    host, port = parse_address(address)
+    return ConnectionSettings(
+        host=host,
+        port=port,
+        username=creds["username"],
+        password=creds["password"],
+        ca_file=creds.get("ca_file"),
+        cert_file=creds.get("cert_file"),
+        key_file=creds.get("key_file"),
+    )
+
+
+# --------------------------------------------------------------------------- the home
+
+
+def _write_settings(home: Path, settings: Mapping[str, Any]) -> None:
+    header = "fedmq broker home settings: written by fedmq, see broker/home.py"
+    write_secret_file(home / HOME_FILE, dump_toml(settings, header), mode=0o644)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+class BrokerHome:
+    """An existing broker home directory; make one with ``BrokerHome.create``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).absolute()
+        settings_file = self.path / HOME_FILE
+        if not settings_file.is_file():
+            raise ConfigError(
+                f"{self.path} is not a fedmq broker home (no {HOME_FILE}); make one with "
+                f"`fedmq broker init {path} --federation NAME`"
+            )
+        raw = _read_toml(settings_file, "broker home settings")
+        try:
+            self.federation: str = check_name("federation name", raw["federation"])
+            self.hostnames: tuple[str, ...] = tuple(raw["hostnames"])
+            self.tls: bool = raw["tls"]
+            self.client_certs: bool = raw["client_certs"]
+            self.plaintext: bool = raw["plaintext"]
+            self.broker_address: str = raw.get("broker", "")
+            flags = (self.tls, self.client_certs, self.plaintext)
+            types_ok = (
+                all(isinstance(flag, bool) for flag in flags)
+                and all(isinstance(h, str) for h in self.hostnames)
+                and isinstance(self.broker_address, str)
+            )
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ConfigError(f"{settings_file}: broken broker home settings ({exc})") from None
+        if not types_ok:
+            raise ConfigError(f"{settings_file}: broken broker home settings (wrong value types)")
+
+    # ----------------------------------------------------------------- creation
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        federation: str,
+        *,
+        hostnames: Iterable[str] = ("localhost", "127.0.0.1"),
+        tls: bool = True,
+        client_certs: bool = False,
+        plaintext: bool = True,
+    ) -> BrokerHome:
+        """Make a new home with its PKI, the aggregator and operator accounts, passwd and acl."""
+        path = Path(path).absolute()
+        try:
+            check_name("federation name", federation)
+        except ValueError as exc:  # older topics.check_name raised ValueError
+            raise ConfigError(str(exc)) from None
+        hostnames = tuple(hostnames)
+        if not hostnames:
+            raise ConfigError("give at least one host name or IP address for the broker")
+        if client_certs and not tls:
+            raise ConfigError("client certificates need TLS: drop --no-tls or --client-certs")
+        if not tls and not plaintext:
+            raise ConfigError("with neither TLS nor plaintext the broker would have no listener")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(f"{path} already exists and is not an empty directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # build in a sibling directory and rename: a failure leaves nothing half-made
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            for sub in ("pki", "keys", "keys/devices", "credentials", "data"):
+                (staging / sub).mkdir(mode=0o700, parents=True)
+            settings = {
+                "federation": federation,
+                "hostnames": list(hostnames),
+                "tls": tls,
+                "client_certs": client_certs,
+                "plaintext": plaintext,
+                "broker": "",
+            }
+            _write_settings(staging, settings)
+            if tls:
+                ca = CertificateAuthority.create(
+                    staging / "pki/ca.key", staging / "pki/ca.crt", name=f"fedmq {federation} CA"
+                )
+                ca.issue_server(staging / "pki/server.key", staging / "pki/server.crt", hostnames)
+                shutil.copyfile(staging / "pki/ca.crt", staging / "credentials/ca.crt")
+            generate_keypair(staging / "keys/aggregator.key", staging / "keys/aggregator.pub")
+            shutil.copyfile(staging / "keys/aggregator.pub", staging / "credentials/aggregator.pub")
+            home = cls(staging)
+            home._save_accounts({})
+            for account in (AGGREGATOR_USER, OPERATOR_USER):
+                home._add_account(account, ROLES[account])
+            if path.exists():
+                path.rmdir()
+            staging.rename(path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        os.chmod(path, 0o700)
+        return cls(path)
+
+    # ----------------------------------------------------------------- paths
+
+    passwd_path = property(lambda self: self.path / "passwd")
+    acl_path = property(lambda self: self.path / "acl")
+    accounts_path = property(lambda self: self.path / "accounts.json")
+    conf_path = property(lambda self: self.path / "mosquitto.conf")
+    log_path = property(lambda self: self.path / "mosquitto.log")
+    data_dir = property(lambda self: self.path / "data")
+    pid_path = property(lambda self: self.path / "data" / "mosquitto.pid")
+    ca_path = property(lambda self: self.path / "pki" / "ca.crt")
+    credentials_dir = property(lambda self: self.path / "credentials")
+    device_keys_dir = property(lambda self: self.path / "keys" / "devices")
+    aggregator_key_path = property(lambda self: self.path / "keys" / "aggregator.key")
+    aggregator_public_key_path = property(lambda self: self.path / "keys" / "aggregator.pub")
+
+    def credentials_path(self, account: str) -> Path:
+        """The credentials file of ``account`` (a device id, or a service account name)."""
+        if account not in self.accounts():
+            raise ConfigError(f"no account {account!r} in the broker home {self.path}")
+        return self.credentials_dir / f"{account}.toml"
+
+    def bundle_files(self, account: str) -> list[Path]:
+        """The credentials file and every file it refers to: what to copy to that machine."""
+        creds = load_credentials(self.credentials_path(account))
+        files = [self.credentials_path(account)]
+        return files + [creds[k] for k in PATH_KEYS if isinstance(creds[k], Path)]
+
+    # ----------------------------------------------------------------- accounts
+
+    def accounts(self) -> dict[str, str]:
+        """``{account: role}``, roles being 'aggregator', 'operator' or 'device'."""
+        try:
+            raw = json.loads(self.accounts_path.read_text())
+            return {name: info["role"] for name, info in raw["accounts"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(
+                f"{self.accounts_path}: cannot read the account list ({exc})"
+            ) from None
+
+    def devices(self) -> list[str]:
+        return sorted(a for a, role in self.accounts().items() if role == "device")
+
+    def _save_accounts(self, accounts: Mapping[str, Mapping[str, str]]) -> None:
+        doc = {"federation": self.federation, "accounts": dict(accounts)}
+        write_secret_file(self.accounts_path, json.dumps(doc, indent=2) + "\n", mode=0o644)
+
+    def _load_accounts(self) -> dict[str, dict[str, str]]:
+        self.accounts()  # validates
+        return json.loads(self.accounts_path.read_text())["accounts"]
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise changes to passwd/acl/accounts between processes."""
+        with open(self.path / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _add_account(self, account: str, role: str, broker: str | None = None) -> Path:
+        password = generate_password()
+        creds: dict[str, Any] = {
+            "role": role,
+            "federation": self.federation,
+            "broker": broker if broker is not None else self.broker_address,
+            "username": account,
+            "password": password,
+        }
+        if role == "device":
+            creds["device_id"] = account
+        if self.tls:
+            creds["ca_file"] = "ca.crt"
+        if self.client_certs:
+            ca = CertificateAuthority.load(self.path / "pki/ca.key", self.ca_path)
+            key, crt = (self.credentials_dir / f"{account}{ext}" for ext in (".key", ".crt"))
+            ca.issue_client(account, key, crt)
+            creds["cert_file"], creds["key_file"] = f"{account}.crt", f"{account}.key"
+        if role == "device":
+            generate_keypair(
+                self.credentials_dir / f"{account}.ed25519", self.device_keys_dir / f"{account}.pub"
+            )
+            creds["signing_key"] = f"{account}.ed25519"
+            creds["model_key"] = "aggregator.pub"
+        elif role == "aggregator":
+            creds["signing_key"] = "../keys/aggregator.key"
+            creds["device_keys"] = "../keys/devices"
+        path = self._write_credentials(account, creds)
+
+        accounts = self._load_accounts()
+        accounts[account] = {"role": role, "created": _now()}
+        self._save_accounts(accounts)
+        hashes = read_password_file(self.passwd_path) if self.passwd_path.exists() else {}
+        hashes[account] = hash_password(password)
+        self._write_security_files(hashes)
+        return path
+
+    def _write_credentials(self, account: str, creds: Mapping[str, Any]) -> Path:
+        header = (
+            f"fedmq credentials of {creds['role']} {account!r} in federation {self.federation!r}.\n"
+            "Secret (holds a password): keep it 0600. Relative paths are relative to this file."
+        )
+        return write_secret_file(self.credentials_dir / f"{account}.toml", dump_toml(creds, header))
+
+    def _write_security_files(self, hashes: Mapping[str, str]) -> None:
+        write_secret_file(self.acl_path, render_acl(self.federation), mode=0o600)
+        write_password_hashes(self.passwd_path, hashes)
+
+    def add_device(self, device_id: str, *, broker: str | None = None) -> Path:
+        """Create a device account; return its credentials file. Call ``reload()`` afterwards.
+
+        ``broker`` ("HOST:PORT", as the device must dial it) overrides the home's address.
+        """
+        check_device_id(device_id)
+        if broker:
+            parse_address(broker)
+        with self._locked():
+            if device_id in self.accounts():
+                raise ConfigError(f"device {device_id!r} already exists in {self.path}")
+            return self._add_account(device_id, "device", broker)
+
+    def remove_device(self, device_id: str) -> None:
+        """Revoke a device: drop it from passwd and accounts, delete its keys and bundle."""
+        with self._locked():
+            if self.accounts().get(device_id) != "device":
+                raise ConfigError(f"no device {device_id!r} in {self.path}")
+            hashes = read_password_file(self.passwd_path)
+            hashes.pop(device_id, None)
+            self._write_security_files(hashes)
+            accounts = self._load_accounts()
+            del accounts[device_id]
+            self._save_accounts(accounts)
+            for suffix in (".toml", ".ed25519", ".crt", ".key"):
+                (self.credentials_dir / f"{device_id}{suffix}").unlink(missing_ok=True)
+            (self.device_keys_dir / f"{device_id}.pub").unlink(missing_ok=True)
+
+    def device_public_keys(self) -> dict[str, Ed25519PublicKey]:
+        """``{device_id: Ed25519 public key}`` of every device of this home."""
+        return {d: load_public(self.device_keys_dir / f"{d}.pub") for d in self.devices()}
+
+    # ----------------------------------------------------------------- running mosquitto
+
+    def mosquitto_config(
+        self, port: int | None, tls_port: int | None = None, bind: str = "127.0.0.1"
+    ) -> MosquittoConfig:
+        """The config for these listeners; ConfigError if they contradict the home's settings."""
+        if port is not None and not self.plaintext:
+            raise ConfigError(
+                f"{self.path} has plaintext switched off: start it with a TLS port only"
+            )
+        if tls_port is not None and not self.tls:
+            raise ConfigError(f"{self.path} was made without TLS: it has no TLS listener")
+        if self.tls and tls_port is None:
+            raise ConfigError(f"{self.path} uses TLS (its credentials name a CA): give a TLS port")
+        if port is None and tls_port is None:
+            raise ConfigError("give at least one port")
+        pki = self.path / "pki"
+        return MosquittoConfig(
+            data_dir=self.data_dir,
+            port=port,
+            bind=bind,
+            tls_port=tls_port,
+            password_file=self.passwd_path,
+            acl_file=self.acl_path,
+            ca_file=pki / "ca.crt" if self.tls else None,
+            cert_file=pki / "server.crt" if self.tls else None,
+            key_file=pki / "server.key" if self.tls else None,
+            require_client_cert=self.client_certs,
+        )
+
+    def write_config(
+        self, port: int | None, tls_port: int | None = None, bind: str = "127.0.0.1"
+    ) -> Path:
+        """Write mosquitto.conf and fill the broker address into the credentials files."""
+        text = render(self.mosquitto_config(port, tls_port, bind))
+        write_secret_file(self.conf_path, text, mode=0o644)
+        host = self.hostnames[0] if bind in _WILDCARD_BINDS else bind
+        host = f"[{host}]" if ":" in host else host
+        self._set_broker_address(f"{host}:{tls_port if tls_port is not None else port}")
+        return self.conf_path
+
+    def _set_broker_address(self, address: str) -> None:
+        """Point every credentials file that follows the home's address at ``address``."""
+        with self._locked():
+            old = self.broker_address
+            for account in self.accounts():
+                creds_path = self.credentials_dir / f"{account}.toml"
+                creds = _read_toml(creds_path, "credentials file")
+                if creds.get("broker", "") in ("", old):
+                    creds["broker"] = address
+                    self._write_credentials(account, creds)
+            settings = _read_toml(self.path / HOME_FILE, "broker home settings")
+            settings["broker"] = address
+            _write_settings(self.path, settings)
+            self.broker_address = address
+
+    def start(
+        self,
+        port: int | None,
+        tls_port: int | None = None,
+        bind: str = "127.0.0.1",
+        *,
+        timeout: float = 10.0,
+        foreground_log: bool = False,
+    ) -> RunningBroker:
+        """Write the config and start mosquitto; the caller stops the returned broker."""
+        pid = self.running_pid()
+        if pid is not None:
+            raise BrokerError(f"a mosquitto (pid {pid}) already runs for {self.path}")
+        conf = self.write_config(port, tls_port, bind)
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "::1"}.get(
+            bind, bind
+        )
+        running = start_mosquitto(
+            conf,
+            host=host,
+            port=port,
+            tls_port=tls_port,
+            log_path=self.log_path,
+            timeout=timeout,
+            foreground_log=foreground_log,
+        )
+        # mosquitto listens before it installs its signal handlers: until then a
+        # SIGHUP (reload) would kill it
+        if not _wait_for_sighup_handler(running.pid, timeout):
+            running.stop()
+            raise BrokerError(f"mosquitto (pid {running.pid}) did not finish starting")
+        return running
+
+    def running_pid(self) -> int | None:
+        """The pid of the mosquitto running for this home (from data/mosquitto.pid), or None."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (OSError, ValueError):
+            return None
+        # "<pid> (<comm>) <state> ...": a killed but not yet reaped mosquitto is a zombie (Z)
+        comm, _, rest = stat.partition("(")[2].rpartition(")")
+        return pid if comm == "mosquitto" and rest.split()[:1] != ["Z"] else None
+
+    def reload(self) -> int | None:
+        """SIGHUP the running mosquitto so it re-reads passwd and acl; its pid, or None."""
+        pid = self.running_pid()
+        if pid is None:
+            return None
+        if not _wait_for_sighup_handler(pid, 10.0):
+            raise BrokerError(f"mosquitto (pid {pid}) is not ready to reload; try again")
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            return None
+        return pid
+
+
+def _wait_for_sighup_handler(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` catches SIGHUP (Linux /proc); True if it does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        caught = [ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")]
+        if caught and int(caught[0], 16) & (1 << (signal.SIGHUP - 1)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)

@@ -1,0 +1,151 @@
+"""Hostile and broken updates against a running aggregator on a real broker.
+
+Each is refused with its own reason, counted in the retained ``state``, and the
+aggregator keeps going: the round still completes with the honest device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from broker import codec, messages, signing
+from broker.home import load_credentials
+from broker.task import TaskSpec
+from broker.topics import Topics
+from fedmq.operator import StateWatcher
+from tests.helpers import blobs_task, current_model, join, publish_as, wait_for, write_blobs
+
+pytestmark = pytest.mark.mosquitto
+
+
+def signed_update(
+    fed,
+    device,
+    model,
+    *,
+    round_=None,
+    base_hash=None,
+    num_samples=10,
+    tensors=None,
+    metrics=None,
+    sign=True,
+    sign_as=None,
+) -> bytes:
+    tensors = tensors if tensors is not None else {k: v.clone() for k, v in model.tensors.items()}
+    meta = messages.update_metadata(
+        round_=model.round if round_ is None else round_,
+        device_id=device,
+        num_samples=num_samples,
+        base_hash=model.model_hash if base_hash is None else base_hash,
+        metrics=metrics or {"train_loss": 1.0},
+    )
+    if sign:
+        key = load_credentials(fed.credentials(sign_as or device))["signing_key"]
+        meta["signature"] = signing.sign(signing.load_private(key), tensors, meta)
+    return codec.encode(tensors, meta)
+
+
+def raw_header(header: dict, data: bytes = b"", declared: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if declared is None else declared) + text + data
+
+
+def hostile_payloads(fed, model) -> dict[str, bytes]:
+    """reason -> a payload that must be refused for exactly that reason."""
+    good = signed_update(fed, "mallory", model)
+    name, first = next(iter(model.tensors.items()))
+    wrong_shape = {**model.tensors, name: torch.zeros(first.shape[0] + 1, *first.shape[1:])}
+    wrong_dtype = {**model.tensors, name: first.to(torch.float64)}
+    extra = {**model.tensors, "backdoor": torch.zeros(1)}
+    nan = {**model.tensors, name: torch.full_like(first, math.nan)}
+    return {
+        "not_safetensors": b'{"weights": [1, 2, 3]}',
+        "truncated": good[: len(good) // 2],
+        "header_too_large": struct.pack("<Q", 10**12) + b"{}",
+        "bad_header": struct.pack("<Q", 5) + b"{nope",
+        "bad_offsets": raw_header(
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+        ),
+        "shape_mismatch": signed_update(fed, "mallory", model, tensors=wrong_shape),
+        "dtype_mismatch": signed_update(fed, "mallory", model, tensors=wrong_dtype),
+        "unknown_tensor": signed_update(fed, "mallory", model, tensors=extra),
+        "non_finite": signed_update(fed, "mallory", model, tensors=nan),
+        "bad_metadata": signed_update(fed, "mallory", model, num_samples=0),
+        "future_round": signed_update(fed, "mallory", model, round_=model.round + 5),
+        "stale": signed_update(fed, "mallory", model, base_hash="0" * 64),
+        "missing_signature": signed_update(fed, "mallory", model, sign=False),
+        "bad_signature": signed_update(fed, "mallory", model, sign_as="bob"),
+    }
+
+
+def test_every_hostile_payload_is_refused_counted_and_survived(federation, tmp_path):
+    fed = federation(devices=["bob", "mallory"])
+    files = write_blobs(tmp_path / "data", ["bob"])
+    agg = fed.aggregator(
+        tmp_path / "run",
+        TaskSpec.load(blobs_task(tmp_path)),
+        rounds=1,
+        min_devices=1,
+        deadline=None,
+    )
+    agg_thread = fed.in_thread(agg.run, timeout=120)
+    model = current_model(fed, "mallory")
+    payloads = hostile_payloads(fed, model)
+    topic = Topics(fed.name).update("mallory")
+    with StateWatcher(fed.settings("fedmq-operator"), fed.name) as watcher:
+        for payload in payloads.values():
+            publish_as(fed, "mallory", topic, payload)
+        state = watcher.next_state(10)
+        while state["totals"].get("rejected_total", 0) < len(payloads):
+            state = watcher.next_state(10)
+    assert state["totals"]["rejected"] == {reason: 1 for reason in payloads}
+    assert state["phase"] == "collecting"  # still running, nothing accepted from mallory
+
+    # the honest device still gets its round through
+    fed.in_thread(fed.agent("bob", files["bob"], exit_when_done=True).run, timeout=60)
+    assert join(agg_thread, 60) == 0
+    assert agg.run_dir.metrics()[0]["devices"] == 1
+
+
+def test_late_duplicate_and_replayed_updates_count_once(federation, tmp_path):
+    fed = federation(devices=["bob", "alice"])
+    files = write_blobs(tmp_path / "data", ["bob", "alice"])
+    agg = fed.aggregator(
+        tmp_path / "run",
+        TaskSpec.load(blobs_task(tmp_path)),
+        rounds=2,
+        min_devices=2,
+        deadline=None,
+    )
+    agg_thread = fed.in_thread(agg.run, timeout=120)
+    round1 = current_model(fed, "bob")
+    topic = Topics(fed.name).update("bob")
+    first = signed_update(fed, "bob", round1, num_samples=40)
+    publish_as(fed, "bob", topic, first)
+    publish_as(fed, "bob", topic, first)  # QoS 1 redelivery: the very same bytes
+    second = signed_update(fed, "bob", round1, num_samples=40, metrics={"train_loss": 2.0})
+    publish_as(fed, "bob", topic, second)  # a second, different update for the same round
+    wait_for(lambda: agg.current.journal.counts()["outcomes"].get("duplicate"), 10, "duplicate")
+    assert agg.current.folded.count == 1
+
+    # alice closes round 1 (both present devices reported); bob's round-1 update is now late
+    alice = fed.agent("alice", files["alice"], max_rounds=1)
+    join(fed.in_thread(alice.run, timeout=60), 60)
+    wait_for(lambda: agg.state.completed_round == 1, 20, "round 1 to close")
+    publish_as(fed, "bob", topic, signed_update(fed, "bob", round1, num_samples=41))
+    wait_for(lambda: agg.current.journal.counts()["outcomes"].get("late"), 10, "late update")
+    for device in ("bob", "alice"):
+        fed.in_thread(fed.agent(device, files[device], exit_when_done=True).run, timeout=60)
+    assert join(agg_thread, 60) == 0
+    totals = agg.state.totals
+    assert (totals["accepted"], totals["duplicate"], totals["late"]) == (4, 1, 1)
+    assert agg.run_dir.metrics()[0]["devices"] == 2
