@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from aggregator.durable import append_line, atomic_write, read_lines
+from aggregator.durable import append_line, atomic_write, read_lines, repair_tail
 from broker import codec
 from broker.errors import ConfigError, FedmqError
 from broker.task import TaskSpec
@@ -119,9 +119,8 @@ class RunDir:
         return [json.loads(line) for line in read_lines(self.metrics_jsonl)]
 
     def _drop_metrics_after(self, completed_round: int) -> None:
+        repair_tail(self.metrics_jsonl)
         lines = read_lines(self.metrics_jsonl)
         keep = [line for line in lines if json.loads(line).get("round", 0) <= completed_round]
-        if len(keep) != len(lines) or (
-            self.metrics_jsonl.exists() and not self.metrics_jsonl.read_text().endswith("\n")
-        ):
+        if len(keep) != len(lines):
             atomic_write(self.metrics_jsonl, "".join(line + "\n" for line in keep).encode())

@@ -35,6 +35,16 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(fh.fileno())
 
 
+def repair_tail(path: Path) -> None:
+    """Cut a torn last line (a crash mid-append) so the next append starts a fresh line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if data and not data.endswith(b"\n"):
+        atomic_write(path, data[: data.rfind(b"\n") + 1])
+
+
 def read_lines(path: Path) -> list[str]:
     """Complete lines only: a last line without its newline was torn by a crash."""
     try:

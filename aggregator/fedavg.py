@@ -32,6 +32,9 @@ class FoldedSum:
             raise ValueError(f"weight must be positive, got {weight}")
         if set(tensors) != set(self._sum):
             raise ValueError("update does not have the model's tensors")
+        for name, acc in self._sum.items():  # check all before changing any
+            if tuple(tensors[name].shape) != tuple(acc.shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}")
         for name, acc in self._sum.items():
             acc.add_(tensors[name].to(torch.float64), alpha=weight)
         self.total_weight += weight

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.durable import append_line, atomic_write, read_lines
+from aggregator.durable import append_line, atomic_write, read_lines, repair_tail
 
 
 def payload_digest(payload: bytes) -> str:
@@ -35,6 +35,7 @@ class RoundJournal:
     @classmethod
     def open(cls, run_dir: Path, round_: int) -> RoundJournal:
         journal = cls(run_dir / "rounds" / f"{round_:06d}")
+        repair_tail(journal.path)
         for line in read_lines(journal.path):
             try:
                 entry = json.loads(line)

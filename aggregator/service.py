@@ -70,6 +70,7 @@ class _Inbound:
 class _Round:
     number: int
     model_hash: str
+    model_payload: bytes
     journal: RoundJournal
     folded: FoldedSum
     metrics: WeightedMetrics = field(default_factory=WeightedMetrics)
@@ -93,6 +94,7 @@ class Aggregator:
         self._state_dirty = True
         self._last_metrics: dict = {}
         self.current: _Round | None = None
+        self._reannounce = threading.Event()
 
         if config.resume:
             self.spec, self.state, self.weights = self.run_dir.load()
@@ -147,6 +149,7 @@ class Aggregator:
         )
         self._connected.set()
         self._state_dirty = True
+        self._reannounce.set()  # a restarted broker may have lost the retained model
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
@@ -195,6 +198,8 @@ class Aggregator:
                 item = None
             if item is not None:
                 self._dispatch(item, current)
+            if self._reannounce.is_set():
+                self._announce(current)
             if self.phase == "collecting":
                 current = self._maybe_close(current)
             self._publish_state()
@@ -208,17 +213,23 @@ class Aggregator:
             self.weights, number, self.task, sign=self.config.sign_model
         )
         journal = RoundJournal.open(self.run_dir.path, number)
-        current = _Round(number, digest, journal, FoldedSum(self.weights))
+        current = _Round(number, digest, payload, journal, FoldedSum(self.weights))
         for _device, update_payload in journal.accepted():  # resuming mid-round
             update = messages.decode_update(update_payload, max_payload=len(update_payload))
             current.folded.fold(update.tensors, update.num_samples)
             current.metrics.fold(update.metrics, update.num_samples)
-        self.client.publish(self.topics.model, payload, qos=1, retain=True)
+        self._announce(current)
         self.phase = "collecting"
         self._state_dirty = True
         log.info("round %d: announced model %s (%d bytes)", number, digest[:12], len(payload))
         self.on_event("round_open", {"round": number, "replayed": current.folded.count})
         return current
+
+    def _announce(self, current: _Round) -> None:
+        """(Re)publish the round's model, retained: after a reconnect, devices that trained
+        already re-send their update (counted once), the others start training."""
+        self._reannounce.clear()
+        self.client.publish(self.topics.model, current.model_payload, qos=1, retain=True)
 
     def _dispatch(self, item: _Inbound, current: _Round) -> None:
         kind = self.topics.kind_of(item.topic)

@@ -88,7 +88,9 @@ class TaskSpec:
             raise TaskError("task JSON must be an object")
         model = raw.get("model")
         if isinstance(model, dict) and "args" in model:
-            model = {"arch": model.get("arch"), **(model.get("args") or {})}
+            if not isinstance(model["args"], dict):
+                raise TaskError("task JSON: model args must be an object")
+            model = {"arch": model.get("arch"), **model["args"]}
         return from_dict({**raw, "model": model})
 
     @classmethod
@@ -117,6 +119,10 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
     if not isinstance(model, dict) or not isinstance(model.get("arch"), str):
         raise TaskError('[model] needs arch = "linear" | "mlp" | "cnn1d" | "module:function"')
     args = {k: v for k, v in model.items() if k != "arch"}
+    try:
+        json.dumps(args, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"[model] arguments must be plain numbers, strings, lists: {exc}") from None
 
     train_raw = raw.get("train", {})
     if not isinstance(train_raw, dict):
@@ -159,6 +165,8 @@ def _check_train(t: TrainSpec) -> None:
             raise TaskError(f"[train] {name} must be a number, got {value!r}")
     if t.lr <= 0:
         raise TaskError(f"[train] lr must be > 0, got {t.lr}")
+    if t.momentum < 0:
+        raise TaskError(f"[train] momentum must be >= 0, got {t.momentum}")
     if t.optimizer not in OPTIMIZERS:
         raise TaskError(f"[train] optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
     if t.loss not in LOSSES:

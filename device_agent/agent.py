@@ -54,7 +54,7 @@ class Agent:
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._done_hashes: set[str] = set()
+        self._last_update: tuple[str, bytes] | None = None  # (model hash, update payload)
         self.rounds_trained = 0
         self._model_cache: tuple[str, torch.nn.Module] | None = None
         self.client = make_client(
@@ -159,10 +159,15 @@ class Agent:
             self.on_event("done", {"round": model_msg.round})
             log.info("the federation finished at round %d", model_msg.round)
             return self.config.exit_when_done
-        if model_msg.model_hash in self._done_hashes:
-            return False  # seen again after a reconnect: already trained and published
+        if self._last_update is not None and self._last_update[0] == model_msg.model_hash:
+            # The same round again: after a reconnect, a broker restart or a retried round.
+            # Send the same bytes once more; the aggregator counts a payload only once.
+            self.client.publish(
+                self.topics.update(self.config.device_id), self._last_update[1], qos=1
+            )
+            log.info("round %d: model seen again, re-sent the update", model_msg.round)
+            return False
         self._train_and_publish(model_msg)
-        self._done_hashes.add(model_msg.model_hash)
         self.rounds_trained += 1
         return self.config.max_rounds is not None and self.rounds_trained >= self.config.max_rounds
 
@@ -201,6 +206,7 @@ class Agent:
         if cfg.sign is not None:
             meta["signature"] = cfg.sign(tensors, meta)
         payload = codec.encode(tensors, meta)
+        self._last_update = (msg.model_hash, payload)
         # QoS 1: if the link is down, paho keeps it and sends it after reconnecting
         info = self.client.publish(self.topics.update(cfg.device_id), payload, qos=1)
         self._publish_status("online", round_=msg.round)

@@ -78,7 +78,7 @@ def load_dataset(path: str | Path, label: str = "label") -> Dataset:
 
 def _read_csv(path: Path) -> tuple[tuple[str, ...], np.ndarray]:
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text CSV file") from None
@@ -105,6 +105,8 @@ def _read_csv(path: Path) -> tuple[tuple[str, ...], np.ndarray]:
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("X", "y") if k not in npz.files]
@@ -132,6 +134,7 @@ def _check(path: Path, X: np.ndarray, y: np.ndarray) -> Dataset:
         raise DataError(f"{path}: no samples")
     if math.prod(X.shape[1:]) == 0:
         raise DataError(f"{path}: no feature columns")
+    X = X.astype(np.float32)
     if not np.isfinite(X).all() or not np.isfinite(y).all():
-        raise DataError(f"{path}: holds NaN or infinite values")
-    return Dataset(X=X.astype(np.float32), y=y.astype(np.float64), path=path)
+        raise DataError(f"{path}: holds NaN or infinite values (or numbers beyond float32)")
+    return Dataset(X=X, y=y.astype(np.float64), path=path)

@@ -261,6 +261,7 @@ def aggregator_start(
     from aggregator.service import Aggregator, AggregatorConfig
     from broker.errors import ConfigError
     from broker.task import TaskSpec
+    from fedmq.progress import RoundProgress
     from fedmq.signing_hooks import aggregator_hooks
 
     config = read_config(config_file)
@@ -305,63 +306,6 @@ def aggregator_start(
     click.echo(
         f"run directory: {run_dir} ({service.phase} after round {service.state.completed_round})"
     )
-
-
-class RoundProgress:
-    """A live rich progress bar over rounds, fed by the aggregator's events."""
-
-    def __init__(self, service) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.service = service
-        self.progress = Progress(
-            TextColumn("[bold]round"),
-            MofNCompleteColumn(),
-            BarColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            transient=False,
-        )
-        self.task_id = self.progress.add_task(
-            "starting", total=service.spec.rounds, completed=service.state.completed_round
-        )
-
-    def __enter__(self) -> RoundProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def event(self, kind: str, info: dict) -> None:
-        svc = self.service
-        if kind == "round_done":
-            self.progress.update(self.task_id, completed=info["round"])
-            parts = [f"round {info['round']}: {info['devices']} devices"]
-            for key, label in (
-                ("train_loss", "train loss"),
-                ("eval_loss", "eval loss"),
-                ("eval_accuracy", "eval acc"),
-            ):
-                if key in info:
-                    parts.append(f"{label} {info[key]:.4f}")
-            parts.append(f"{info['seconds']:.1f}s")
-            self.progress.console.print(", ".join(parts))
-        elif kind in ("update", "round_open", "device", "control"):
-            current = svc.current
-            accepted = current.folded.count if current else 0
-            online = sum(1 for s in svc.status.values() if s in ("online", "training"))
-            self.progress.update(
-                self.task_id,
-                description=f"{svc.phase}: {accepted}/{svc.spec.min_devices} updates, "
-                f"{online} devices online",
-            )
 
 
 @aggregator.command("status")

@@ -88,7 +88,9 @@ class LocalFederation:
             **options,
         )
 
-    def aggregator_config(self, run_dir: Path, task: TaskSpec | None, **options) -> AggregatorConfig:
+    def aggregator_config(
+        self, run_dir: Path, task: TaskSpec | None, **options
+    ) -> AggregatorConfig:
         creds = load_credentials(self.credentials(AGGREGATOR))
         sign_model, verify_update = aggregator_hooks(creds["signing_key"], creds["device_keys"])
         return AggregatorConfig(

@@ -12,7 +12,9 @@ Sign = Callable[[dict, dict], str]
 Verify = Callable[[dict, dict], None]
 
 
-def agent_hooks(signing_key: Path | None, model_key: Path | None) -> tuple[Sign | None, Verify | None]:
+def agent_hooks(
+    signing_key: Path | None, model_key: Path | None
+) -> tuple[Sign | None, Verify | None]:
     """(sign an update, verify a model) for a device; None where no key is configured."""
     sign = verify = None
     if signing_key:

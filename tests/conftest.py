@@ -17,7 +17,9 @@ from tests.helpers import Federation
 
 
 def pytest_configure(config):
-    if shutil.which("mosquitto") is None and not __import__("os").path.exists("/usr/sbin/mosquitto"):
+    if shutil.which("mosquitto") is None and not __import__("os").path.exists(
+        "/usr/sbin/mosquitto"
+    ):
         raise pytest.UsageError("mosquitto is not installed: run `make test` (it installs it)")
 
 
