@@ -9,6 +9,7 @@ from aggregator.service import Aggregator
 from broker.task import TaskSpec
 from device_agent.agent import Agent
 from fedmq.local import LocalFederation
+from fedmq.synthetic import blobs_task, write_blobs  # noqa: F401 (re-exported for tests)
 
 
 class Federation(LocalFederation):
@@ -72,53 +73,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def write_blobs(directory: Path, devices: list[str], samples: int = 40, seed: int = 0) -> dict:
-    """Small non-IID classification data, one CSV per device: 4 features, 3 classes."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 2.0, size=(3, 4))
-    files = {}
-    directory.mkdir(parents=True, exist_ok=True)
-    for i, device in enumerate(devices):
-        # each device sees mostly one class: the non-IID split of a real fleet
-        probs = np.full(3, 0.15)
-        probs[i % 3] = 0.7
-        y = rng.choice(3, size=samples, p=probs / probs.sum())
-        X = centers[y] + rng.normal(0, 1.0, size=(samples, 4))
-        path = directory / f"{device}.csv"
-        rows = ["f0,f1,f2,f3,label"] + [
-            ",".join(f"{v:.6f}" for v in x) + f",{c}" for x, c in zip(X, y)
-        ]
-        path.write_text("\n".join(rows) + "\n")
-        files[device] = path
-    return files
-
-
-BLOBS_TASK = """
-seed = 7
-[model]
-arch = "mlp"
-in_features = 4
-hidden = [16]
-out_features = 3
-[train]
-epochs = 2
-batch_size = 8
-lr = 0.1
-optimizer = "sgd"
-loss = "cross_entropy"
-[data]
-label = "label"
-"""
-
-
-def blobs_task(directory: Path) -> Path:
-    path = directory / "task.toml"
-    path.write_text(BLOBS_TASK)
-    return path
 
 
 def mqtt_session(settings, client_id: str):
