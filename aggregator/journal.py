@@ -1,62 +1,80 @@
 """The journal of one round: every update's fate, durable before it is acknowledged.
 
-``run_dir/rounds/<r>/journal.jsonl`` has one line per distinct payload seen in
-round ``r`` (keyed by the payload's SHA-256): ``accepted``, ``rejected`` with a
-reason, ``duplicate`` or ``late``. Accepted payloads are kept beside it as
-``updates/<device_id>.safetensors`` so that a restarted aggregator can fold them
-again. A payload the broker redelivers after a crash is recognised by its digest
-and neither folded nor counted twice. The round's directory is removed once its
-checkpoint is written.
+``run_dir/rounds/<r>/`` holds two append-only files:
+
+- ``journal.jsonl``: one line per distinct payload seen in round ``r`` (keyed by
+  the payload's SHA-256): ``accepted``, ``rejected`` with a reason,
+  ``duplicate`` or ``late``; an accepted line gives the offset and size of its
+  payload in
+- ``updates.bin``: the accepted payloads, back to back, so that a restarted
+  aggregator can fold them again.
+
+Writes are buffered and made durable together by ``commit()`` (group commit:
+one pair of fsyncs for every update that arrived meanwhile); the service acks
+updates to the broker only after ``commit()``. On open, a torn last line is cut
+and an accepted line whose payload is not wholly on disk (or does not match its
+digest) is dropped: that update was never acknowledged, so the broker delivers
+it again. The round's directory is removed once its checkpoint is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.durable import append_line, atomic_write, read_lines, repair_tail
+from aggregator.durable import atomic_write, fsync_dir, read_lines, repair_tail
 
 
 def payload_digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-@dataclass
 class RoundJournal:
-    directory: Path
-    _digests: set[str] = field(default_factory=set)
-    _entries: list[dict] = field(default_factory=list)
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._digests: set[str] = set()
+        self._entries: list[dict] = []
+        self._accepted: dict[str, dict] = {}  # device -> its accepted entry
+        self._lines = None  # open file handles, made on the first write
+        self._blobs = None
+        self._blob_size = 0
+        self._dirty = False
 
     @classmethod
     def open(cls, run_dir: Path, round_: int) -> RoundJournal:
         journal = cls(run_dir / "rounds" / f"{round_:06d}")
         repair_tail(journal.path)
+        blob_size = journal.blobs_path.stat().st_size if journal.blobs_path.exists() else 0
+        kept = []
         for line in read_lines(journal.path):
             try:
                 entry = json.loads(line)
             except ValueError:
                 continue
-            if (
-                entry.get("outcome") == "accepted"
-                and not journal.update_path(entry["device"]).exists()
-            ):
-                continue  # cannot happen with fsync ordering; be safe anyway
-            journal._entries.append(entry)
-            journal._digests.add(entry["digest"])
+            if entry.get("outcome") == "accepted" and not journal._payload_ok(entry, blob_size):
+                continue  # its bytes never reached the disk: it was not acked, it comes again
+            kept.append(line)
+            journal._remember(entry)
+        if len(kept) != len(read_lines(journal.path)):
+            atomic_write(journal.path, "".join(k + "\n" for k in kept).encode())
+        journal._blob_size = blob_size
         return journal
 
+    # -- layout ---------------------------------------------------------------------------
     @property
     def path(self) -> Path:
         return self.directory / "journal.jsonl"
 
-    def update_path(self, device_id: str) -> Path:
-        return self.directory / "updates" / f"{device_id}.safetensors"
+    @property
+    def blobs_path(self) -> Path:
+        return self.directory / "updates.bin"
 
+    # -- queries --------------------------------------------------------------------------
     def seen(self, digest: str) -> bool:
         return digest in self._digests
 
@@ -64,34 +82,15 @@ class RoundJournal:
     def entries(self) -> list[dict]:
         return list(self._entries)
 
-    def record(self, digest: str, device_id: str | None, outcome: str, reason: str = "") -> None:
-        entry = {"digest": digest, "device": device_id, "outcome": outcome}
-        if reason:
-            entry["reason"] = reason
-        append_line(self.path, json.dumps(entry, sort_keys=True))
-        self._entries.append(entry)
-        self._digests.add(digest)
-
-    def record_accepted(self, digest: str, device_id: str, payload: bytes) -> None:
-        """Payload first, then the line that makes it count: a crash between leaves no trace."""
-        atomic_write(self.update_path(device_id), payload)
-        self.record(digest, device_id, "accepted")
-
-    def accepted(self) -> Iterator[tuple[str, bytes]]:
-        """(device_id, payload) of accepted updates, in the order they were accepted."""
-        for entry in self._entries:
-            if entry["outcome"] == "accepted":
-                yield entry["device"], self.update_path(entry["device"]).read_bytes()
-
     def accepted_devices(self) -> list[str]:
-        return [e["device"] for e in self._entries if e["outcome"] == "accepted"]
+        return list(self._accepted)
 
     def reporters(self) -> set[str]:
         """Devices that sent anything attributable for this round."""
         return {e["device"] for e in self._entries if e["device"]}
 
     def counts(self) -> dict[str, Counter]:
-        """{'accepted': n, 'duplicate': n, 'late': n} and rejected reasons."""
+        """{'outcomes': accepted/duplicate/late/rejected counts, 'rejected': by reason}."""
         outcomes: Counter = Counter()
         reasons: Counter = Counter()
         for e in self._entries:
@@ -100,5 +99,85 @@ class RoundJournal:
                 reasons[e.get("reason", "unknown")] += 1
         return {"outcomes": outcomes, "rejected": reasons}
 
+    def accepted(self) -> Iterator[tuple[str, bytes]]:
+        """(device_id, payload) of accepted updates, in the order they were accepted."""
+        self.commit()
+        if not self._accepted:
+            return
+        with open(self.blobs_path, "rb") as fh:
+            for device, entry in self._accepted.items():
+                fh.seek(entry["offset"])
+                yield device, fh.read(entry["size"])
+
+    # -- writes (buffered until commit) -----------------------------------------------------
+    def record(self, digest: str, device_id: str | None, outcome: str, reason: str = "") -> None:
+        entry = {"digest": digest, "device": device_id, "outcome": outcome}
+        if reason:
+            entry["reason"] = reason
+        self._write(entry)
+
+    def record_accepted(self, digest: str, device_id: str, payload: bytes) -> None:
+        self._files()
+        offset = self._blob_size
+        self._blobs.write(payload)
+        self._blob_size += len(payload)
+        self._write(
+            {
+                "digest": digest,
+                "device": device_id,
+                "outcome": "accepted",
+                "offset": offset,
+                "size": len(payload),
+            }
+        )
+
+    def commit(self) -> None:
+        """Make every record so far durable: payloads first, then the lines naming them."""
+        if not self._dirty:
+            return
+        for fh in (self._blobs, self._lines):
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._dirty = False
+
+    def close(self) -> None:
+        self.commit()
+        for fh in (self._blobs, self._lines):
+            if fh is not None:
+                fh.close()
+        self._lines = self._blobs = None
+
     def remove(self) -> None:
+        self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _files(self) -> None:
+        if self._lines is None:
+            created = not self.directory.exists()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._blobs = open(self.blobs_path, "ab")  # noqa: SIM115 (closed by close())
+            self._lines = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            fsync_dir(self.directory)
+            if created:
+                fsync_dir(self.directory.parent)
+
+    def _write(self, entry: dict) -> None:
+        self._files()
+        self._lines.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._dirty = True
+        self._remember(entry)
+
+    def _remember(self, entry: dict) -> None:
+        self._entries.append(entry)
+        self._digests.add(entry["digest"])
+        if entry["outcome"] == "accepted":
+            self._accepted[entry["device"]] = entry
+
+    def _payload_ok(self, entry: dict, blob_size: int) -> bool:
+        offset, size = entry.get("offset"), entry.get("size")
+        if not isinstance(offset, int) or not isinstance(size, int) or offset + size > blob_size:
+            return False
+        with open(self.blobs_path, "rb") as fh:
+            fh.seek(offset)
+            return payload_digest(fh.read(size)) == entry["digest"]

@@ -36,6 +36,8 @@ from broker.topics import Topics
 log = logging.getLogger("fedmq.aggregator")
 
 PRESENT = ("online", "training")
+# updates the broker may send before we ack: bounds the payloads held in memory (and a batch)
+RECEIVE_MAXIMUM = 64
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ class Aggregator:
         self.topics = Topics(config.federation)
         self.run_dir = RunDir(config.run_dir)
         self.on_event = on_event or (lambda kind, info: None)
-        self._inbox: queue.Queue[_Inbound] = queue.Queue()
+        # bounded: when the loop falls behind, the network thread waits here, TCP pushes back,
+        # and the broker keeps the rest; memory holds at most this many payloads
+        self._inbox: queue.Queue[_Inbound] = queue.Queue(maxsize=RECEIVE_MAXIMUM)
         self._stop = threading.Event()
         self._connected = threading.Event()
         self.status: dict[str, str] = {}
@@ -157,12 +161,20 @@ class Aggregator:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.put(_Inbound(msg.topic, msg.payload, msg.mid, msg.qos))
+        item = _Inbound(msg.topic, msg.payload, msg.mid, msg.qos)
+        while not self._stop.is_set():
+            try:
+                self._inbox.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     # -- main loop --------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> int:
         """Run until the last round completes (0), ``stop`` (0), or a fatal short round (1)."""
-        connect_async(self.client, self.config.connection, persistent=True)
+        connect_async(
+            self.client, self.config.connection, persistent=True, receive_maximum=RECEIVE_MAXIMUM
+        )
         self.client.loop_start()
         try:
             if not self._connected.wait(timeout=30):
@@ -192,12 +204,7 @@ class Aggregator:
                 return 0
             if deadline is not None and time.monotonic() > deadline:
                 raise FedmqError("aggregator timed out")
-            try:
-                item = self._inbox.get(timeout=0.1)
-            except queue.Empty:
-                item = None
-            if item is not None:
-                self._dispatch(item, current)
+            self._process_batch(current)
             if self._reannounce.is_set():
                 self._announce(current)
             if self.phase == "collecting":
@@ -231,18 +238,32 @@ class Aggregator:
         self._reannounce.clear()
         self.client.publish(self.topics.model, current.model_payload, qos=1, retain=True)
 
-    def _dispatch(self, item: _Inbound, current: _Round) -> None:
-        kind = self.topics.kind_of(item.topic)
+    def _process_batch(self, current: _Round, limit: int = 256) -> None:
+        """Handle what has arrived, make its fate durable with one commit, then ack it all."""
         try:
-            if kind == "updates":
-                self._handle_update(item, current)
-            elif kind == "status":
-                self._handle_status(item)
-            elif kind == "control":
-                self._handle_control(item)
-        finally:
+            batch = [self._inbox.get(timeout=0.1)]
+        except queue.Empty:
+            return
+        while len(batch) < limit:
+            try:
+                batch.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for item in batch:
+            self._dispatch(item, current)
+        current.journal.commit()  # group commit: one fsync for the whole batch
+        for item in batch:
             if item.qos > 0:
                 self.client.ack(item.mid, item.qos)  # only now: its fate is on disk
+
+    def _dispatch(self, item: _Inbound, current: _Round) -> None:
+        kind = self.topics.kind_of(item.topic)
+        if kind == "updates":
+            self._handle_update(item, current)
+        elif kind == "status":
+            self._handle_status(item)
+        elif kind == "control":
+            self._handle_control(item)
 
     def _handle_status(self, item: _Inbound) -> None:
         device_id = self.topics.device_of(item.topic)

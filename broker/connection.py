@@ -118,18 +118,28 @@ def make_client(
     return client
 
 
-def connect_properties(persistent: bool) -> Properties:
+def connect_properties(persistent: bool, receive_maximum: int | None = None) -> Properties:
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = SESSION_EXPIRY if persistent else 0
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
     return props
 
 
-def connect_async(client: mqtt.Client, settings: ConnectionSettings, persistent: bool) -> None:
-    """Start connecting in the background; paho's loop keeps reconnecting with backoff."""
+def connect_async(
+    client: mqtt.Client,
+    settings: ConnectionSettings,
+    persistent: bool,
+    receive_maximum: int | None = None,
+) -> None:
+    """Start connecting in the background; paho's loop keeps reconnecting with backoff.
+
+    ``receive_maximum`` caps the QoS 1 messages the broker sends before they are
+    acknowledged: with manual acks, it bounds how many payloads wait in memory."""
     client.connect_async(
         settings.host,
         settings.port,
         keepalive=int(os.environ.get("FEDMQ_KEEPALIVE", "30")),
         clean_start=not persistent,
-        properties=connect_properties(persistent),
+        properties=connect_properties(persistent, receive_maximum),
     )

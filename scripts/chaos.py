@@ -38,8 +38,14 @@ def reference(work: Path, devices: list[str], files: dict, task: Path, rounds: i
     with LocalFederation.create(work / "ref-broker", "chaos", devices) as fed:
         for d in devices:
             fed.spawn_agent(d, files[d], "--exit-when-done")
-        config = fed.aggregator_config(work / "ref-run", TaskSpec.load(task), rounds=rounds,
-                                       min_devices=len(devices), deadline=None, plot=False)
+        config = fed.aggregator_config(
+            work / "ref-run",
+            TaskSpec.load(task),
+            rounds=rounds,
+            min_devices=len(devices),
+            deadline=None,
+            plot=False,
+        )
         agg = Aggregator(config)
         agg.run(timeout=600)
         return agg.weights
@@ -52,20 +58,35 @@ def completed(run_dir: Path) -> int:
         return 0
 
 
-def chaos_run(work: Path, devices: list[str], files: dict, task: Path, rounds: int,
-              faults: int, rng: random.Random, console: Console) -> tuple[dict, list, float]:
+def chaos_run(
+    work: Path,
+    devices: list[str],
+    files: dict,
+    task: Path,
+    rounds: int,
+    faults: int,
+    rng: random.Random,
+    console: Console,
+) -> tuple[dict, list, float]:
     run_dir, logs = work / "run", work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     injected = []
     started = time.monotonic()
     with LocalFederation.create(work / "broker", "chaos", devices) as fed:
+
         def spawn_aggregator(resume: bool):
             args = ["--run-dir", str(run_dir), "--deadline", "0"]
             if resume:
                 args.append("--resume")
             else:
-                args += ["--task", str(task), "--rounds", str(rounds),
-                         "--min-devices", str(len(devices))]
+                args += [
+                    "--task",
+                    str(task),
+                    "--rounds",
+                    str(rounds),
+                    "--min-devices",
+                    str(len(devices)),
+                ]
             return fed.spawn_aggregator(*args, log=logs / "aggregator.log")
 
         def spawn_agent(d):
@@ -115,8 +136,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--faults", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=4000,
-                        help="samples per device (more: longer rounds, faults land mid-round)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=4000,
+        help="samples per device (more: longer rounds, faults land mid-round)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep logs and run dirs here")
     args = parser.parse_args()
     console = Console()
@@ -127,8 +152,9 @@ def main() -> int:
 
     with console.status("fault-free reference run..."):
         expected = reference(work, devices, files, task, args.rounds)
-    got, injected, seconds = chaos_run(work, devices, files, task, args.rounds, args.faults,
-                                       random.Random(args.seed), console)
+    got, injected, seconds = chaos_run(
+        work, devices, files, task, args.rounds, args.faults, random.Random(args.seed), console
+    )
 
     table = Table(title=f"chaos: {args.devices} devices, {args.rounds} rounds, seed {args.seed}")
     for col in ("#", "fault", "target", "round"):

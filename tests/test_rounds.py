@@ -124,7 +124,7 @@ def test_journal_records_and_counts(tmp_path):
 
     assert journal.accepted_devices() == ["bob", "alice"]
     assert list(journal.accepted()) == [("bob", p_bob), ("alice", p_alice)]
-    assert journal.update_path("bob").read_bytes() == p_bob
+    assert journal.blobs_path.read_bytes() == p_bob + p_alice  # committed by accepted()
     assert journal.reporters() == {"bob", "eve", "alice", "carol"}
     counts = journal.counts()
     assert counts["outcomes"] == {ACCEPTED: 2, REJECTED: 2, LATE: 1}
@@ -140,6 +140,7 @@ def test_journal_survives_reopen_and_dedups_by_digest(tmp_path):
     journal.record_accepted(digest, "bob", payload)
     journal.record(payload_digest(b"dup"), "bob", DUPLICATE)
     assert journal.seen(digest)
+    journal.commit()
 
     again = RoundJournal.open(tmp_path, 1)
     assert again.entries == journal.entries
@@ -152,6 +153,7 @@ def test_journal_survives_reopen_and_dedups_by_digest(tmp_path):
 def test_journal_ignores_a_torn_last_line(tmp_path):
     journal = RoundJournal.open(tmp_path, 1)
     journal.record(payload_digest(b"a"), "bob", LATE)
+    journal.commit()
     with journal.path.open("a") as fh:
         fh.write('{"digest": "beef", "device": "alice", "outc')  # crash mid-write
     again = RoundJournal.open(tmp_path, 1)
@@ -162,17 +164,30 @@ def test_journal_ignores_a_torn_last_line(tmp_path):
 def test_journal_entry_recorded_after_a_torn_line_survives_the_next_reopen(tmp_path):
     journal = RoundJournal.open(tmp_path, 1)
     journal.record(payload_digest(b"a"), "bob", LATE)
+    journal.commit()
     with journal.path.open("a") as fh:
         fh.write('{"digest": "beef", "dev')
     resumed = RoundJournal.open(tmp_path, 1)
-    resumed.record_accepted(payload_digest(b"c"), "carol", b"c")  # acknowledged to the broker
+    resumed.record_accepted(payload_digest(b"c"), "carol", b"c")
+    resumed.commit()  # from here it may be acknowledged to the broker
     assert RoundJournal.open(tmp_path, 1).accepted_devices() == ["carol"]
 
 
 def test_journal_drops_an_accepted_line_whose_payload_is_missing(tmp_path):
     journal = RoundJournal.open(tmp_path, 1)
     journal.record_accepted(payload_digest(b"x"), "bob", b"x")
-    journal.update_path("bob").unlink()
+    journal.record_accepted(payload_digest(b"yz"), "alice", b"yz")
+    journal.commit()
+    with journal.blobs_path.open("r+b") as fh:
+        fh.truncate(2)  # the lines reached the disk, alice's payload did not
+    assert RoundJournal.open(tmp_path, 1).accepted_devices() == ["bob"]
+
+
+def test_journal_drops_an_accepted_line_whose_payload_does_not_match(tmp_path):
+    journal = RoundJournal.open(tmp_path, 1)
+    journal.record_accepted(payload_digest(b"x"), "bob", b"x")
+    journal.commit()
+    journal.blobs_path.write_bytes(b"y")
     assert RoundJournal.open(tmp_path, 1).accepted_devices() == []
 
 

@@ -1,0 +1,170 @@
+"""Benchmark: one round with many devices, fedmq's aggregator against the raw broker.
+
+    python scripts/bench_round.py [--devices 1000] [--hidden 256] [--concurrency 32]
+
+Both measurements run in the same process on the same secured mosquitto, with
+the same signed update payloads published by the same pool of device sessions:
+
+- raw broker: a plain paho subscriber (aggregator account, QoS 1, automatic
+  acks) counts the updates: what the broker alone delivers;
+- fedmq: the aggregator decodes and validates each update, checks its
+  signature, journals it with fsync, folds it into the running FedAvg sum,
+  acks it, then aggregates and checkpoints the round.
+
+It prints updates per second for both, their ratio, and the aggregator's
+resident memory before and after the round (FedAvg holds one running sum,
+not one model per device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from aggregator.checkpoint import RunDir
+from aggregator.service import initial_weights
+from broker import messages
+from broker.connection import connect_async, make_client
+from broker.task import TaskSpec
+from broker.topics import Topics
+from fedmq.loadgen import publish_all, signed_update
+from fedmq.local import AGGREGATOR, LocalFederation
+
+TASK = """
+seed = 0
+[model]
+arch = "mlp"
+in_features = 64
+hidden = [{hidden}, {hidden}]
+out_features = 8
+[train]
+epochs = 1
+batch_size = 32
+lr = 0.01
+optimizer = "sgd"
+loss = "cross_entropy"
+"""
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def raw_broker(fed: LocalFederation, jobs, concurrency: int) -> float:
+    """Seconds for the broker to deliver every update to a plain QoS 1 subscriber."""
+    got = threading.Semaphore(0)
+    settings = fed.settings(AGGREGATOR)
+    client = make_client(settings, "bench-raw-subscriber", persistent=False)
+    ready = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(Topics(fed.name).updates_filter, qos=1)
+    client.on_subscribe = lambda *a: ready.set()
+    client.on_message = lambda c, u, m: got.release()
+    connect_async(client, settings, persistent=False)
+    client.loop_start()
+    assert ready.wait(10)
+    start = time.perf_counter()
+    errors = publish_all(jobs, concurrency=concurrency)
+    for _ in jobs:
+        assert got.acquire(timeout=60), "raw subscriber missed updates"
+    seconds = time.perf_counter() - start
+    client.disconnect()
+    client.loop_stop()
+    assert not errors, errors[:3]
+    return seconds
+
+
+def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, jobs, concurrency: int):
+    """Seconds for a real aggregator process to take every update and close the round,
+    and its peak resident memory (sampled from /proc while it runs)."""
+    proc = fed.spawn_aggregator(
+        "--task",
+        str(task_path),
+        "--rounds",
+        "1",
+        "--min-devices",
+        str(len(jobs)),
+        "--deadline",
+        "0",
+        "--run-dir",
+        str(work / "run"),
+        log=work / "aggregator.log",
+    )
+    peak = [0.0]
+    model_seen = threading.Event()
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], rss_mb(proc.pid))
+            if (work / "run" / "state.json").exists():
+                model_seen.set()
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    assert model_seen.wait(60), (work / "aggregator.log").read_text()
+    idle = rss_mb(proc.pid)
+    start = time.perf_counter()
+    errors = publish_all(jobs, concurrency=concurrency)
+    assert proc.wait(600) == 0, (work / "aggregator.log").read_text()[-2000:]
+    seconds = time.perf_counter() - start
+    sampler.join()
+    assert not errors, errors[:3]
+    assert RunDir(work / "run").metrics()[0]["devices"] == len(jobs)
+    return seconds, idle, peak[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--hidden", type=int, default=256, help="MLP width (model size)")
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fedmq-bench-"))
+    task_path = work / "task.toml"
+    task_path.write_text(TASK.format(hidden=args.hidden))
+    task = TaskSpec.load(task_path)
+    devices = [f"d{i:04d}" for i in range(args.devices)]
+    print(f"provisioning {args.devices} devices...", flush=True)
+    with LocalFederation.create(work / "broker", "bench", devices) as fed:
+        payload, _ = messages.encode_model(initial_weights(task), 1, task)
+        model = messages.decode_model(payload)
+        jobs = []
+        for i, device in enumerate(devices):
+            device_id, update = signed_update(
+                fed.credentials(device), model, num_samples=10 + i % 50, scale=0.001 * (i % 7)
+            )
+            jobs.append((fed.credentials(device), Topics(fed.name).update(device_id), update))
+        size_kb = len(jobs[0][2]) / 1024
+        print(
+            f"{args.devices} updates of {size_kb:.0f} KiB, {args.concurrency} sessions at a time",
+            flush=True,
+        )
+        raw = raw_broker(fed, jobs, args.concurrency)
+        ours, rss_idle, rss_peak = fedmq_round(fed, work, task_path, jobs, args.concurrency)
+
+    print(f"raw broker : {args.devices / raw:8.0f} updates/s ({raw:.2f} s)")
+    print(
+        f"fedmq round: {args.devices / ours:8.0f} updates/s ({ours:.2f} s, validated, "
+        "signature-checked, journaled with fsync, folded, checkpointed)"
+    )
+    print(f"ratio fedmq/raw: {raw / ours:.2f}")
+    print(
+        f"aggregator process memory: {rss_idle:.0f} MB waiting, {rss_peak:.0f} MB peak in the "
+        f"round ({args.devices} updates x {size_kb:.0f} KiB = "
+        f"{args.devices * size_kb / 1024:.0f} MB if it kept them all)"
+    )
+
+
+if __name__ == "__main__":
+    main()
