@@ -99,6 +99,9 @@ class Aggregator:
         self._last_metrics: dict = {}
         self.current: _Round | None = None
         self._reannounce = threading.Event()
+        # updates accepted in the previous round: a copy re-sent after the round closed
+        # (a device re-sends when it sees a round's model again) is not news, not "late"
+        self._previous_digests: set[str] = set()
 
         if config.resume:
             self.spec, self.state, self.weights = self.run_dir.load()
@@ -300,8 +303,8 @@ class Aggregator:
     def _handle_update(self, item: _Inbound, current: _Round) -> None:
         topic_device = self.topics.device_of(item.topic)
         digest = payload_digest(item.payload)
-        if current.journal.seen(digest):
-            return  # redelivered after a reconnect or crash: already accounted for
+        if current.journal.seen(digest) or digest in self._previous_digests:
+            return  # redelivered or re-sent: already accounted for
         try:
             update = messages.decode_update(
                 item.payload,
@@ -398,6 +401,9 @@ class Aggregator:
             **current.metrics.means(),
         }
         self.run_dir.commit(self.state, current.number, self.weights, row)
+        self._previous_digests = {
+            e["digest"] for e in current.journal.entries if e["outcome"] == rounds.ACCEPTED
+        }
         current.journal.remove()
         self._last_metrics = row
         log.info("round %d: aggregated %d updates", current.number, current.folded.count)

@@ -134,15 +134,19 @@ def fedmq_errors(func: Callable) -> Callable:
 
 
 def setup_logging(verbose: int) -> None:
+    import sys
+
     from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
-    logging.basicConfig(
-        level=level,
-        format="%(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False)],
-        force=True,
-    )
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(
+            console=Console(stderr=True), show_path=False, markup=False
+        )
+        fmt = "%(name)s: %(message)s"
+    else:  # a log file or a pipe: one plain line per record, no wrapping
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", handlers=[handler], force=True)
     logging.getLogger("fedmq").setLevel(level)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def write_blobs(directory: Path, devices: list[str], samples: int = 40, seed: int = 0) -> dict:
     """Small non-IID classification data, one CSV per device: 4 features, 3 classes."""
     import numpy as np

@@ -1,0 +1,1 @@
+"""The demo: a federation of smartwatches learning shoulder exercises."""
