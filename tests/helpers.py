@@ -99,10 +99,10 @@ def mqtt_session(settings, client_id: str):
     return session()
 
 
-def publish_as(fed, account: str, topic: str, payload: bytes) -> None:
+def publish_as(fed, account: str, topic: str, payload: bytes, retain: bool = False) -> None:
     """Publish one QoS 1 message with ``account``'s credentials and wait for the broker's ack."""
     with mqtt_session(fed.settings(account), f"test-pub-{account}") as client:
-        client.publish(topic, payload, qos=1).wait_for_publish(10)
+        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
 
 
 def current_model(fed, account: str, timeout: float = 10):

@@ -1,0 +1,61 @@
+"""Models are signed by the aggregator: an agent refuses one that is not, even from the
+aggregator's own account (a misconfigured ACL or a compromised broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aggregator.service import initial_weights
+from broker import messages, signing
+from broker.home import load_credentials
+from broker.task import TaskSpec
+from broker.topics import Topics
+from tests.helpers import blobs_task, join, publish_as, wait_for, write_blobs
+
+pytestmark = pytest.mark.mosquitto
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "signed by a device"])
+def test_agent_refuses_a_model_the_aggregator_did_not_sign(federation, tmp_path, forgery):
+    fed = federation(devices=["bob"])
+    files = write_blobs(tmp_path / "data", ["bob"])
+    task = TaskSpec.load(blobs_task(tmp_path))
+    sign = None
+    if forgery == "signed by a device":
+        key = signing.load_private(load_credentials(fed.credentials("bob"))["signing_key"])
+        sign = lambda tensors, meta: signing.sign(key, tensors, meta)  # noqa: E731
+    payload, _ = messages.encode_model(initial_weights(task), 1, task, sign=sign)
+    publish_as(fed, "fedmq-aggregator", Topics(fed.name).model, payload, retain=True)
+
+    agent = fed.agent("bob", files["bob"], max_rounds=1)
+    events = []
+    agent.on_event = lambda kind, info: events.append((kind, info))
+    thread = fed.in_thread(agent.run, timeout=20)
+    wait_for(
+        lambda: (
+            (
+                "model_refused",
+                {"reason": "missing_signature" if forgery == "unsigned" else "bad_signature"},
+            )
+            in events
+        ),
+        15,
+        "the refusal",
+    )
+    agent.stop()
+    join(thread, 20)
+    assert not any(kind == "trained" for kind, _ in events)
+
+
+def test_agent_trains_on_a_properly_signed_model(federation, tmp_path):
+    fed = federation(devices=["bob"])
+    files = write_blobs(tmp_path / "data", ["bob"])
+    task = TaskSpec.load(blobs_task(tmp_path))
+    key = signing.load_private(load_credentials(fed.credentials("fedmq-aggregator"))["signing_key"])
+    payload, _ = messages.encode_model(
+        initial_weights(task), 1, task, sign=lambda t, m: signing.sign(key, t, m)
+    )
+    publish_as(fed, "fedmq-aggregator", Topics(fed.name).model, payload, retain=True)
+    agent = fed.agent("bob", files["bob"], max_rounds=1)
+    assert join(fed.in_thread(agent.run, timeout=20), 30) == 0
+    assert agent.rounds_trained == 1
