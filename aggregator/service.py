@@ -38,6 +38,7 @@ log = logging.getLogger("fedmq.aggregator")
 PRESENT = ("online", "training")
 # updates the broker may send before we ack: bounds the payloads held in memory (and a batch)
 RECEIVE_MAXIMUM = 64
+CONNECT_TIMEOUT = 30.0  # seconds to reach the broker at start-up before giving up
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class Aggregator:
         )
         self.client.loop_start()
         try:
-            if not self._connected.wait(timeout=30):
+            if not self._connected.wait(timeout=CONNECT_TIMEOUT):
                 raise FedmqError(
                     f"cannot reach the broker at {self.config.connection.address} "
                     "(is it running? are the credentials right?)"
