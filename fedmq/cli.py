@@ -18,8 +18,6 @@ import click
 from fedmq.cli_common import (
     connection_options,
     fedmq_errors,
-    read_config,
-    resolve,
     setup_logging,
 )
 
@@ -93,15 +91,7 @@ def agent() -> None:
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit code 2).")
 @fedmq_errors
 def agent_run(
-    config_file,
-    broker,
-    federation,
-    username,
-    password,
-    password_file,
-    ca_file,
-    cert_file,
-    key_file,
+    connection,
     device_id,
     data_path,
     signing_key,
@@ -122,18 +112,7 @@ def agent_run(
     from device_agent.agent import Agent, AgentConfig
     from fedmq.signing_hooks import agent_hooks
 
-    config = read_config(config_file)
-    settings, federation = resolve(
-        config,
-        broker=broker,
-        federation=federation,
-        username=username,
-        password=password,
-        password_file=password_file,
-        ca_file=ca_file,
-        cert_file=cert_file,
-        key_file=key_file,
-    )
+    settings, federation, config = connection.resolve()
     device_id = device_id or config.get("device_id") or settings.username
     if not device_id:
         raise ConfigError("no device id: pass --device-id ID (or --config FILE)")
@@ -231,15 +210,7 @@ def aggregator() -> None:
 )
 @fedmq_errors
 def aggregator_start(
-    config_file,
-    broker,
-    federation,
-    username,
-    password,
-    password_file,
-    ca_file,
-    cert_file,
-    key_file,
+    connection,
     task_file,
     rounds,
     min_devices,
@@ -264,18 +235,7 @@ def aggregator_start(
     from fedmq.progress import RoundProgress
     from fedmq.signing_hooks import aggregator_hooks
 
-    config = read_config(config_file)
-    settings, federation = resolve(
-        config,
-        broker=broker,
-        federation=federation,
-        username=username,
-        password=password,
-        password_file=password_file,
-        ca_file=ca_file,
-        cert_file=cert_file,
-        key_file=key_file,
-    )
+    settings, federation, config = connection.resolve()
     if task_file is None and not resume:
         raise ConfigError("a new run needs --task FILE (or --resume to continue one)")
     task = TaskSpec.load(task_file) if task_file else None
@@ -320,33 +280,14 @@ def aggregator_start(
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON state.")
 @fedmq_errors
 def aggregator_status(
-    config_file,
-    broker,
-    federation,
-    username,
-    password,
-    password_file,
-    ca_file,
-    cert_file,
-    key_file,
+    connection,
     timeout,
     as_json,
 ) -> None:
     """Show the running aggregator's state: round, phase, devices, refusals."""
     from fedmq.operator import read_state
 
-    config = read_config(config_file)
-    settings, federation = resolve(
-        config,
-        broker=broker,
-        federation=federation,
-        username=username,
-        password=password,
-        password_file=password_file,
-        ca_file=ca_file,
-        cert_file=cert_file,
-        key_file=key_file,
-    )
+    settings, federation, _ = connection.resolve()
     state = read_state(settings, federation, timeout=timeout)
     if as_json:
         click.echo(json.dumps(state, indent=2, sort_keys=True))
@@ -389,32 +330,10 @@ def _control_command(name: str, help_text: str, expect: set[str]) -> None:
         help="Seconds to wait for the aggregator to confirm.",
     )
     @fedmq_errors
-    def command(
-        config_file,
-        broker,
-        federation,
-        username,
-        password,
-        password_file,
-        ca_file,
-        cert_file,
-        key_file,
-        timeout,
-    ) -> None:
+    def command(connection, timeout) -> None:
         from fedmq.operator import send_control
 
-        config = read_config(config_file)
-        settings, federation = resolve(
-            config,
-            broker=broker,
-            federation=federation,
-            username=username,
-            password=password,
-            password_file=password_file,
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-        )
+        settings, federation, _ = connection.resolve()
         state = send_control(settings, federation, name, expect_phases=expect, timeout=timeout)
         click.echo(f"{name}: aggregator is {state.get('phase')} at round {state.get('round')}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,56 @@ import click
 from broker.connection import ConnectionSettings, settings_from
 from broker.errors import ConfigError
 
+CONNECTION_KEYS = (
+    "config_file",
+    "broker",
+    "federation",
+    "username",
+    "password",
+    "password_file",
+    "ca_file",
+    "cert_file",
+    "key_file",
+)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The connection flags of one command, resolved against its credentials file."""
+
+    config_file: Path | None
+    broker: str | None
+    federation: str | None
+    username: str | None
+    password: str | None
+    password_file: Path | None
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+
+    def resolve(self) -> tuple[ConnectionSettings, str, dict[str, Any]]:
+        """(settings, federation, the credentials file's values); flags override the file."""
+        config = read_config(self.config_file)
+        broker = self.broker or config.get("broker")
+        federation = self.federation or config.get("federation")
+        if not broker:
+            raise ConfigError("no broker address: pass --broker HOST:PORT (or --config FILE)")
+        if not federation:
+            raise ConfigError("no federation: pass --federation NAME (or --config FILE)")
+        settings = settings_from(
+            broker,
+            username=self.username or config.get("username"),
+            password=self.password if self.password is not None else config.get("password"),
+            password_file=self.password_file,
+            ca_file=self.ca_file or config.get("ca_file"),
+            cert_file=self.cert_file or config.get("cert_file"),
+            key_file=self.key_file or config.get("key_file"),
+        )
+        return settings, federation, config
+
 
 def connection_options(func: Callable) -> Callable:
-    """--config, --broker, --federation and the credential flags."""
+    """--config, --broker, --federation and the credential flags, passed as ``connection``."""
     options = [
         click.option(
             "--config",
@@ -72,9 +120,15 @@ def connection_options(func: Callable) -> Callable:
             help="Private key of the client certificate. [env FEDMQ_KEY_FILE]",
         ),
     ]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        values = {key: kwargs.pop(key) for key in CONNECTION_KEYS}
+        return func(*args, connection=Connection(**values), **kwargs)
+
     for option in reversed(options):
-        func = option(func)
-    return func
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def read_config(config_file: Path | None) -> dict[str, Any]:
@@ -83,37 +137,6 @@ def read_config(config_file: Path | None) -> dict[str, Any]:
     from broker.home import load_credentials
 
     return load_credentials(config_file)
-
-
-def resolve(
-    config: dict[str, Any],
-    *,
-    broker: str | None,
-    federation: str | None,
-    username: str | None,
-    password: str | None,
-    password_file: Path | None,
-    ca_file: Path | None,
-    cert_file: Path | None,
-    key_file: Path | None,
-) -> tuple[ConnectionSettings, str]:
-    """Flags override the credentials file. Returns (connection settings, federation)."""
-    broker = broker or config.get("broker")
-    federation = federation or config.get("federation")
-    if not broker:
-        raise ConfigError("no broker address: pass --broker HOST:PORT (or --config FILE)")
-    if not federation:
-        raise ConfigError("no federation: pass --federation NAME (or --config FILE)")
-    settings = settings_from(
-        broker,
-        username=username or config.get("username"),
-        password=password if password is not None else config.get("password"),
-        password_file=password_file,
-        ca_file=ca_file or config.get("ca_file"),
-        cert_file=cert_file or config.get("cert_file"),
-        key_file=key_file or config.get("key_file"),
-    )
-    return settings, federation
 
 
 def fedmq_errors(func: Callable) -> Callable:
