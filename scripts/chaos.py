@@ -144,7 +144,7 @@ def main() -> int:
     )
     parser.add_argument("--workdir", type=Path, help="keep logs and run dirs here")
     args = parser.parse_args()
-    console = Console()
+    console = Console(soft_wrap=True)  # the summary stays one line in logs and pipes
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedmq-chaos-"))
     devices = [f"dev{i}" for i in range(1, args.devices + 1)]
     files = write_blobs(work / "data", devices, samples=args.samples, seed=args.seed)

@@ -210,3 +210,53 @@ def test_update_published_while_the_link_is_down_arrives_after_reconnect(
     assert join(agg_thread, 90) == 0
     assert join(agent_thread, 30) == 0
     assert agg.run_dir.metrics()[0]["devices"] == 1
+
+
+def test_stop_after_round_k_then_resume_continues_at_k_plus_1(federation, tmp_path, workload):
+    files, task_path = workload
+    fed = federation(devices=DEVICES)
+    run_dir = tmp_path / "run"
+    for d in DEVICES:
+        fed.in_thread(fed.agent(d, files[d], exit_when_done=True).run, timeout=120)
+    first = fed.aggregator(
+        run_dir,
+        TaskSpec.load(task_path),
+        rounds=ROUNDS,
+        min_devices=len(DEVICES),
+        deadline=None,
+        stop_after=2,
+    )
+    assert join(fed.in_thread(first.run, timeout=60), 90) == 0
+    assert first.state.completed_round == 2
+    after_two = {k: v.clone() for k, v in first.weights.items()}
+
+    resumed = fed.aggregator(run_dir, None, resume=True, deadline=None)
+    assert resumed.state.completed_round == 2
+    assert_same_model(resumed.weights, after_two)  # continues from identical weights
+    opened = []
+    resumed.on_event = lambda kind, info: (
+        opened.append(info["round"]) if kind == "round_open" else None
+    )
+    assert join(fed.in_thread(resumed.run, timeout=60), 90) == 0
+    assert opened[0] == 3
+    assert [r["round"] for r in RunDir(run_dir).metrics()] == [1, 2, 3, 4]
+
+
+def test_below_quorum_at_deadline_retries_the_round(federation, tmp_path, workload):
+    files, task_path = workload
+    fed = federation(devices=DEVICES)
+    agg = fed.aggregator(
+        tmp_path / "run",
+        TaskSpec.load(task_path),
+        rounds=1,
+        min_devices=1,
+        deadline=0.5,
+        on_short="retry",
+    )
+    events = []
+    agg.on_event = lambda kind, info: events.append(kind)
+    thread = fed.in_thread(agg.run, timeout=60)
+    wait_for(lambda: events.count("retry") >= 2, 20, "two retries")
+    fed.in_thread(fed.agent("dev1", files["dev1"], exit_when_done=True).run, timeout=60)
+    assert join(thread, 60) == 0
+    assert agg.run_dir.metrics()[0]["devices"] == 1

@@ -34,22 +34,28 @@ def main() -> None:
         with LocalFederation.create(work / "broker", "tutorial", ["bob", "alice"]) as fed:
             print(f"mosquitto on 127.0.0.1:{fed.tls_port} (TLS, passwords, per-device ACL)")
             for device in fed.devices:
-                fed.spawn_agent(device, HERE / f"{device}.csv", "--exit-when-done",
-                                log=work / f"{device}.log")
+                fed.spawn_agent(
+                    device, HERE / f"{device}.csv", "--exit-when-done", log=work / f"{device}.log"
+                )
 
             def show(kind: str, info: dict) -> None:
                 if kind == "round_done":
-                    print(f"round {info['round']:3d}: loss {info['train_loss']:.6f} "
-                          f"(from {info['devices']} devices)")
+                    print(
+                        f"round {info['round']:3d}: loss {info['train_loss']:.6f} "
+                        f"(from {info['devices']} devices)"
+                    )
 
-            config = fed.aggregator_config(work / "run", task, rounds=args.rounds, min_devices=2,
-                                           deadline=60, plot=False)
+            config = fed.aggregator_config(
+                work / "run", task, rounds=args.rounds, min_devices=2, deadline=60, plot=False
+            )
             aggregator = Aggregator(config, on_event=show)
             aggregator.run(timeout=300)
             for proc in fed.procs:
                 proc.wait(timeout=30)
-            weights = {k: [round(x, 4) for x in v.flatten().tolist()]
-                       for k, v in aggregator.weights.items()}
+            weights = {
+                k: [round(x, 4) for x in v.flatten().tolist()]
+                for k, v in aggregator.weights.items()
+            }
             print(f"final weights: {weights}")
 
 
