@@ -197,6 +197,13 @@ def aggregator() -> None:
     "--stop-after", type=click.IntRange(min=1), help="Stop (resumably) after completing this round."
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Torch threads for averaging (more only pays off for large models).",
+)
+@click.option(
     "--signing-key",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar="FEDMQ_SIGNING_KEY",
@@ -219,6 +226,7 @@ def aggregator_start(
     run_dir,
     resume,
     stop_after,
+    threads,
     signing_key,
     device_keys,
 ) -> None:
@@ -229,12 +237,15 @@ def aggregator_start(
       fedmq aggregator start --config aggregator.toml --task task.toml \\
           --rounds 20 --min-devices 3 --run-dir runs/exp1
     """
+    import torch
+
     from aggregator.service import Aggregator, AggregatorConfig
     from broker.errors import ConfigError
     from broker.task import TaskSpec
     from fedmq.progress import RoundProgress
     from fedmq.signing_hooks import aggregator_hooks
 
+    torch.set_num_threads(threads)
     settings, federation, config = connection.resolve()
     if task_file is None and not resume:
         raise ConfigError("a new run needs --task FILE (or --resume to continue one)")

@@ -57,7 +57,7 @@ DEFAULT_ROUNDS = 10
 DEFAULT_WINDOW = 100  # 2 s at 50 Hz: about one repetition of an exercise
 DEFAULT_STRIDE = 50  # 50 % overlap
 DEFAULT_TEST_SUBJECTS = 2
-DEFAULT_CNN_CHANNELS = (16, 32)
+DEFAULT_CNN_CHANNELS = (32, 64)
 DEFAULT_KERNEL_SIZE = 5
 DEFAULT_TRAIN = TrainSpec(epochs=1, batch_size=32, lr=0.003, optimizer="adam")
 
