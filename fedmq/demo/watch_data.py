@@ -401,74 +401,31 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def train_epochs(
     model: Any, X: Any, y: Any, train_spec: TrainSpec, epochs: int, seed: int
 ) -> float:
-    """Train ``model`` in place for ``epochs`` epochs of minibatch ``train_spec`` training.
+    """Train ``model`` in place for ``epochs`` epochs with the devices' own trainer.
 
-    A fresh optimizer each call; each epoch visits the samples in an order drawn from a
-    ``torch.Generator`` seeded with ``seed``; ``batch_size = 0`` means full batch. Returns
-    the mean training loss of the last epoch (sample-weighted).
+    The same code as a device's local training (``device_agent.trainer.train_local``):
+    a fresh optimizer, shuffling seeded by ``seed``, ``batch_size = 0`` for full batch.
+    Returns the mean training loss of the last epoch.
     """
-    import torch
-    import torch.nn.functional as F
+    from dataclasses import replace
 
-    xs = torch.as_tensor(np.asarray(X, dtype=np.float32))
-    ys = torch.as_tensor(np.asarray(y))
-    if train_spec.is_classification:
-        ys = ys.long()
-    else:
-        ys = ys.float()
-    n = len(xs)
-    if n == 0:
+    from device_agent.trainer import train_local
+
+    if len(X) == 0:
         raise DataError("no samples to train on")
-    batch = train_spec.batch_size or n
-    params = [p for p in model.parameters() if p.requires_grad]
-    if train_spec.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=train_spec.lr)
-    else:
-        opt = torch.optim.SGD(params, lr=train_spec.lr, momentum=train_spec.momentum)
-
-    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if train_spec.loss == "cross_entropy":
-            return F.cross_entropy(out, target)
-        out = out.reshape(target.shape) if out.numel() == target.numel() else out
-        return F.mse_loss(out, target, reduction="sum" if train_spec.loss == "mse_sum" else "mean")
-
-    gen = torch.Generator().manual_seed(int(seed))
-    model.train()
-    last = float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        total = 0.0
-        for start in range(0, n, batch):
-            idx = order[start : start + batch]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xs[idx]), ys[idx])
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        last = total / n
-    return last
+    spec = replace(train_spec, epochs=epochs)
+    return train_local(model, np.asarray(X), np.asarray(y, dtype=np.float64), spec, seed).train_loss
 
 
-def evaluate(model: Any, X: Any, y: Any, batch_size: int = 1024) -> tuple[float, float]:
+def evaluate(model: Any, X: Any, y: Any) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of a classifier on ``X``, ``y``; eval mode, no grad."""
-    import torch
-    import torch.nn.functional as F
+    from device_agent import trainer
 
-    xs = torch.as_tensor(np.asarray(X, dtype=np.float32))
-    ys = torch.as_tensor(np.asarray(y)).long()
-    if len(xs) == 0:
+    if len(X) == 0:
         raise DataError("no samples to evaluate on")
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(xs), batch_size):
-            out = model(xs[start : start + batch_size])
-            target = ys[start : start + batch_size]
-            loss_sum += float(F.cross_entropy(out, target, reduction="sum"))
-            correct += int((out.argmax(dim=1) == target).sum())
-    model.train(was_training)
-    return loss_sum / len(xs), correct / len(xs)
+    spec = TrainSpec(loss="cross_entropy")
+    result = trainer.evaluate(model, np.asarray(X), np.asarray(y, dtype=np.float64), spec)
+    return result["loss"], result["accuracy"]
 
 
 def accuracy(model: Any, X: Any, y: Any) -> float:
