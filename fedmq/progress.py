@@ -49,6 +49,8 @@ class RoundProgress:
                     parts.append(f"{label} {info[key]:.4f}")
             parts.append(f"{info['seconds']:.1f}s")
             self.progress.console.print(", ".join(parts))
+        elif kind == "done":
+            self.progress.update(self.task_id, description="done")
         elif kind in ("update", "round_open", "device", "control"):
             current = svc.current
             accepted = current.folded.count if current else 0
