@@ -31,6 +31,12 @@ class Federation(LocalFederation):
         options.setdefault("plot", False)
         return Aggregator(self.aggregator_config(run_dir, task, **options))
 
+    def start_aggregator(self, tmp_path: Path, **options) -> tuple[Aggregator, threading.Thread]:
+        """An aggregator on the synthetic blobs task, running in a thread."""
+        options.setdefault("deadline", None)
+        agg = self.aggregator(tmp_path / "run", TaskSpec.load(blobs_task(tmp_path)), **options)
+        return agg, self.in_thread(agg.run, timeout=120)
+
     def in_thread(self, target, *args, **kwargs) -> threading.Thread:
         """Run ``target`` in a daemon thread; ``join`` returns its value or raises its error."""
         result: dict = {}

@@ -15,10 +15,9 @@ import torch
 
 from broker import codec, messages, signing
 from broker.home import load_credentials
-from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.operator import StateWatcher
-from tests.helpers import blobs_task, current_model, join, publish_as, wait_for, write_blobs
+from tests.helpers import current_model, join, publish_as, wait_for, write_blobs
 
 pytestmark = pytest.mark.mosquitto
 
@@ -90,14 +89,7 @@ def hostile_payloads(fed, model) -> dict[str, bytes]:
 def test_every_hostile_payload_is_refused_counted_and_survived(federation, tmp_path):
     fed = federation(devices=["bob", "mallory"])
     files = write_blobs(tmp_path / "data", ["bob"])
-    agg = fed.aggregator(
-        tmp_path / "run",
-        TaskSpec.load(blobs_task(tmp_path)),
-        rounds=1,
-        min_devices=1,
-        deadline=None,
-    )
-    agg_thread = fed.in_thread(agg.run, timeout=120)
+    agg, agg_thread = fed.start_aggregator(tmp_path, rounds=1, min_devices=1)
     model = current_model(fed, "mallory")
     payloads = hostile_payloads(fed, model)
     topic = Topics(fed.name).update("mallory")
@@ -119,14 +111,7 @@ def test_every_hostile_payload_is_refused_counted_and_survived(federation, tmp_p
 def test_late_duplicate_and_replayed_updates_count_once(federation, tmp_path):
     fed = federation(devices=["bob", "alice"])
     files = write_blobs(tmp_path / "data", ["bob", "alice"])
-    agg = fed.aggregator(
-        tmp_path / "run",
-        TaskSpec.load(blobs_task(tmp_path)),
-        rounds=2,
-        min_devices=2,
-        deadline=None,
-    )
-    agg_thread = fed.in_thread(agg.run, timeout=120)
+    agg, agg_thread = fed.start_aggregator(tmp_path, rounds=2, min_devices=2)
     round1 = current_model(fed, "bob")
     topic = Topics(fed.name).update("bob")
     first = signed_update(fed, "bob", round1, num_samples=40)

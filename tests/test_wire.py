@@ -15,7 +15,7 @@ from broker.home import load_credentials
 from broker.task import TaskSpec
 from broker.topics import Topics
 from device_agent.data import load_dataset
-from tests.helpers import blobs_task, join, mqtt_session, write_blobs
+from tests.helpers import join, mqtt_session, write_blobs
 
 pytestmark = pytest.mark.mosquitto
 
@@ -32,14 +32,7 @@ def test_no_device_data_in_any_payload_of_a_whole_run(federation, tmp_path):
         sniffer.on_subscribe = lambda *a: subscribed.put(True)
         sniffer.subscribe(Topics(fed.name).all, qos=1)
         subscribed.get(timeout=5)
-        agg = fed.aggregator(
-            tmp_path / "run",
-            TaskSpec.load(blobs_task(tmp_path)),
-            rounds=3,
-            min_devices=2,
-            deadline=None,
-        )
-        agg_thread = fed.in_thread(agg.run, timeout=60)
+        agg, agg_thread = fed.start_aggregator(tmp_path, rounds=3, min_devices=2)
         for d in devices:
             fed.in_thread(fed.agent(d, files[d], exit_when_done=True).run, timeout=60)
         assert join(agg_thread, 90) == 0
@@ -66,14 +59,7 @@ def test_the_retained_model_reads_with_a_plain_mqtt_client(federation, tmp_path)
     if mosquitto_sub is None:
         pytest.fail("mosquitto_sub missing: `make test` installs mosquitto-clients")
     fed = federation(devices=["bob"])
-    agg = fed.aggregator(
-        tmp_path / "run",
-        TaskSpec.load(blobs_task(tmp_path)),
-        rounds=1,
-        min_devices=1,
-        deadline=None,
-    )
-    agg_thread = fed.in_thread(agg.run, timeout=60)
+    agg, agg_thread = fed.start_aggregator(tmp_path, rounds=1, min_devices=1)
     creds = load_credentials(fed.credentials("bob"))
     out = subprocess.run(
         [
