@@ -25,6 +25,11 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! comman
     apt_install mosquitto mosquitto-clients
 fi
 
+pip_install() {
+    # quiet, minus the notices some machines' pip config prints for every package
+    .venv/bin/pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; }
+}
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv --help >/dev/null 2>&1 || ! "$PY" -c "import ensurepip" 2>/dev/null; then
@@ -37,11 +42,11 @@ fi
 
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
     echo "setup: installing torch==$TORCH_VERSION (CPU)"
-    .venv/bin/pip install -q "torch==$TORCH_VERSION"
+    pip_install "torch==$TORCH_VERSION"
 fi
 if ! .venv/bin/python -c "import fedmq, broker, aggregator, device_agent" 2>/dev/null \
     || [ pyproject.toml -nt .venv/.fedmq-installed ]; then
     echo "setup: installing fedmq[$EXTRAS]"
-    .venv/bin/pip install -q -e ".[$EXTRAS]"
+    pip_install -e ".[$EXTRAS]"
     touch .venv/.fedmq-installed
 fi
