@@ -73,7 +73,7 @@ def plot_metrics(
 ) -> Path:
     """Write a two-panel PNG (loss per round, accuracy per round); return its path.
 
-    ``baseline_accuracy`` (for example the centralised model's test accuracy) is drawn
+    ``baseline_accuracy`` (for example the centralized model's test accuracy) is drawn
     as a dashed horizontal line on the accuracy panel.
     """
     try:
@@ -132,7 +132,7 @@ def plot_metrics(
             color="#7f7f7f",
             linestyle="--",
             linewidth=1.4,
-            label=f"centralised baseline ({baseline_accuracy:.1%})",
+            label=f"centralized baseline ({baseline_accuracy:.1%})",
         )
         drawn = True
     ax_acc.set_title("Accuracy")
