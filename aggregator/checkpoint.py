@@ -4,7 +4,8 @@
       run.json                      federation, task, rounds, quorum: fixed at start
       state.json                    last completed round, its checkpoint, running totals
       checkpoints/round-000003.safetensors   global model after round 3 (round-000000: initial)
-      metrics.jsonl                 one line per completed round
+      metrics.jsonl                 one line per completed round (device means under "metrics")
+      devices.jsonl                 one line per (round, device): its samples and metrics
       rounds/000004/                journal of the round in progress (see journal.py)
       metrics.png                   loss and accuracy per round
 
@@ -15,7 +16,9 @@ so it always points at a complete checkpoint; a metrics line for a round that
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ class RunSpec:
     task_json: str
     rounds: int
     min_devices: int
+    run_id: str = ""  # random, fixed at creation: updates are bound to it by their signature
 
     @property
     def task(self) -> TaskSpec:
@@ -64,6 +68,10 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     @property
+    def devices_jsonl(self) -> Path:
+        return self.path / "devices.jsonl"
+
+    @property
     def plot_png(self) -> Path:
         return self.path / "metrics.png"
 
@@ -75,6 +83,7 @@ class RunDir:
 
     # -- creating and resuming ----------------------------------------------------
     def create(self, spec: RunSpec, initial: dict[str, torch.Tensor]) -> RunState:
+        """Start a new run; refuse a directory that holds one."""
         if self.exists():
             raise ConfigError(
                 f"{self.path} already holds a run: add --resume to continue it, "
@@ -105,10 +114,14 @@ class RunDir:
         completed_round: int,
         tensors: dict[str, torch.Tensor],
         metrics: dict | None,
+        device_rows: list[dict] = (),
     ) -> None:
-        """Persist round ``completed_round``: checkpoint, metrics line, then state.json."""
+        """Persist round ``completed_round``: checkpoint, metrics lines, then state.json."""
         path = self.checkpoint_path(completed_round)
         atomic_write(path, codec.encode(tensors, {"round": str(completed_round)}))
+        if device_rows:
+            text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in device_rows)
+            append_line(self.devices_jsonl, text.rstrip("\n"))
         if metrics is not None:
             append_line(self.metrics_jsonl, json.dumps(metrics, sort_keys=True))
         state.completed_round = completed_round
@@ -118,9 +131,32 @@ class RunDir:
     def metrics(self) -> list[dict]:
         return [json.loads(line) for line in read_lines(self.metrics_jsonl)]
 
+    def lock(self) -> None:
+        """Hold this run directory for this process (released when it exits, even by SIGKILL)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"{self.path} is in use by another aggregator (pid {holder}); stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
+
     def _drop_metrics_after(self, completed_round: int) -> None:
-        repair_tail(self.metrics_jsonl)
-        lines = read_lines(self.metrics_jsonl)
-        keep = [line for line in lines if json.loads(line).get("round", 0) <= completed_round]
-        if len(keep) != len(lines):
-            atomic_write(self.metrics_jsonl, "".join(line + "\n" for line in keep).encode())
+        for path in (self.metrics_jsonl, self.devices_jsonl):
+            repair_tail(path)
+            lines = read_lines(path)
+            keep = [line for line in lines if json.loads(line).get("round", 0) <= completed_round]
+            if len(keep) != len(lines):
+                atomic_write(path, "".join(line + "\n" for line in keep).encode())

@@ -4,8 +4,9 @@
 
 - ``journal.jsonl``: one line per distinct payload seen in round ``r`` (keyed by
   the payload's SHA-256): ``accepted``, ``rejected`` with a reason,
-  ``duplicate`` or ``late``; an accepted line gives the offset and size of its
-  payload in
+  ``duplicate`` or ``late``, and ``reports``: whether it counts as its device's
+  report for this round (signature checked, meant for this round); an accepted
+  line gives the offset and size of its payload in
 - ``updates.bin``: the accepted payloads, back to back, so that a restarted
   aggregator can fold them again.
 
@@ -40,6 +41,7 @@ class RoundJournal:
         self._digests: set[str] = set()
         self._entries: list[dict] = []
         self._accepted: dict[str, dict] = {}  # device -> its accepted entry
+        self._per_device: Counter = Counter()  # lines written for each (topic) device
         self._lines = None  # open file handles, made on the first write
         self._blobs = None
         self._blob_size = 0
@@ -86,8 +88,12 @@ class RoundJournal:
         return list(self._accepted)
 
     def reporters(self) -> set[str]:
-        """Devices that sent anything attributable for this round."""
-        return {e["device"] for e in self._entries if e["device"]}
+        """Devices whose signed report for this round is in (accepted, duplicate, refused)."""
+        return {e["device"] for e in self._entries if e["device"] and e.get("reports")}
+
+    def records_of(self, device_id: str | None) -> int:
+        """How many lines this round's journal holds for ``device_id``."""
+        return self._per_device[device_id]
 
     def counts(self) -> dict[str, Counter]:
         """{'outcomes': accepted/duplicate/late/rejected counts, 'rejected': by reason}."""
@@ -99,19 +105,30 @@ class RoundJournal:
                 reasons[e.get("reason", "unknown")] += 1
         return {"outcomes": outcomes, "rejected": reasons}
 
-    def accepted(self) -> Iterator[tuple[str, bytes]]:
-        """(device_id, payload) of accepted updates, in the order they were accepted."""
+    def accepted(self, *, by_device: bool = False) -> Iterator[tuple[str, bytes]]:
+        """(device_id, payload) of accepted updates, one payload in memory at a time: in the
+        order they were accepted, or with ``by_device`` in device-id order (canonical)."""
         self.commit()
         if not self._accepted:
             return
+        order = sorted(self._accepted) if by_device else list(self._accepted)
         with open(self.blobs_path, "rb") as fh:
-            for device, entry in self._accepted.items():
+            for device in order:
+                entry = self._accepted[device]
                 fh.seek(entry["offset"])
                 yield device, fh.read(entry["size"])
 
     # -- writes (buffered until commit) -----------------------------------------------------
-    def record(self, digest: str, device_id: str | None, outcome: str, reason: str = "") -> None:
-        entry = {"digest": digest, "device": device_id, "outcome": outcome}
+    def record(
+        self,
+        digest: str,
+        device_id: str | None,
+        outcome: str,
+        reason: str = "",
+        *,
+        reports: bool = False,
+    ) -> None:
+        entry = {"digest": digest, "device": device_id, "outcome": outcome, "reports": reports}
         if reason:
             entry["reason"] = reason
         self._write(entry)
@@ -126,6 +143,7 @@ class RoundJournal:
                 "digest": digest,
                 "device": device_id,
                 "outcome": "accepted",
+                "reports": True,
                 "offset": offset,
                 "size": len(payload),
             }
@@ -171,6 +189,7 @@ class RoundJournal:
     def _remember(self, entry: dict) -> None:
         self._entries.append(entry)
         self._digests.add(entry["digest"])
+        self._per_device[entry.get("device")] += 1
         if entry["outcome"] == "accepted":
             self._accepted[entry["device"]] = entry
 

@@ -1,9 +1,10 @@
 """A run's plot: loss and accuracy per round, drawn from its ``metrics.jsonl``.
 
-Each line of ``metrics.jsonl`` is one JSON object per round with at least ``round`` and,
-when known, ``train_loss`` (devices' mean local training loss), ``eval_loss`` and
-``eval_accuracy`` (the global model evaluated by the devices on their own data),
-``test_accuracy`` (on a held-out set, when the run has one), ``devices``, ``seconds``.
+Each line of ``metrics.jsonl`` is one JSON object per round with at least ``round``;
+the devices' sample-weighted means sit under ``metrics`` (top level in older runs):
+``train_loss`` (devices' mean local training loss), ``eval_loss`` and ``eval_accuracy``
+(the global model evaluated by the devices on their own data); ``test_accuracy`` (on a
+held-out set, when the run has one), ``devices``, ``seconds`` are top-level keys.
 Missing keys, ``null`` values, blank lines and a torn last line (a run still being
 written) are tolerated. matplotlib is only needed here, and only imported when called.
 """
@@ -54,7 +55,10 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     xs: list[int] = []
     ys: list[float] = []
     for record in records:
+        device_means = record.get("metrics")
         value = record.get(key)
+        if isinstance(device_means, dict) and key in device_means:
+            value = device_means[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not math.isfinite(value):

@@ -23,10 +23,16 @@ def admit(
     current_round: int,
     current_hash: str,
     accepted_devices: Collection[str],
+    binding: tuple[str, str] = ("", ""),
+    expected_binding: tuple[str, str] = ("", ""),
 ) -> Verdict:
-    """Whether a well-formed update counts in the current round."""
+    """Whether a well-formed, signature-checked update counts in the current round.
+
+    ``binding`` is the update's (federation, run id), ``expected_binding`` this run's."""
     if meta_device != topic_device:
         return Verdict(REJECTED, "wrong_device")
+    if binding != expected_binding:
+        return Verdict(REJECTED, "wrong_run")
     if update_round < current_round:
         return Verdict(LATE)
     if update_round > current_round:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
+import os
+import secrets
+import socket
 import threading
 import time
 from collections import Counter
@@ -26,10 +28,12 @@ import torch
 from aggregator import rounds
 from aggregator.checkpoint import RunDir, RunSpec
 from aggregator.fedavg import FoldedSum, WeightedMetrics
+from aggregator.inbox import Inbound, Inbox
 from aggregator.journal import RoundJournal, payload_digest
-from broker import codec, messages, zoo
+from broker import codec, messages, signals, zoo
 from broker.connection import ConnectionSettings, connect_async, make_client
-from broker.errors import CodecError, FedmqError
+from broker.errors import BrokerError, CodecError, ConfigError, FedmqError
+from broker.retained import read_retained
 from broker.task import TaskSpec
 from broker.topics import Topics
 
@@ -38,7 +42,12 @@ log = logging.getLogger("fedmq.aggregator")
 PRESENT = ("online", "training")
 # updates the broker may send before we ack: bounds the payloads held in memory (and a batch)
 RECEIVE_MAXIMUM = 64
+INBOX_BYTES = 256 * 1024 * 1024  # payload bytes waiting in memory, whatever their number
+MAX_RECORDS_PER_DEVICE = 16  # journal lines one device may cause per round; the rest: "flood"
+MAX_TRACKED_DEVICES = 100_000  # device statuses kept; more ids are refused "too_many_devices"
 CONNECT_TIMEOUT = 30.0  # seconds to reach the broker at start-up before giving up
+HEARTBEAT = 10.0  # seconds between re-publications of the presence and state
+FINAL_PUBLISH_TIMEOUT = 300.0  # seconds to keep trying to publish the final model
 
 
 @dataclass(frozen=True)
@@ -58,15 +67,11 @@ class AggregatorConfig:
     # (device_id, tensors, metadata) -> None, raising CodecError: signature check
     verify_update: Callable[[str, dict, dict], None] | None = None
     sign_model: Callable[[dict, dict], str] | None = None
+    # without both keys the aggregator refuses to start, unless this is set (logged loudly)
+    insecure: bool = False
     plot: bool = True
-
-
-@dataclass
-class _Inbound:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
+    inbox_bytes: int = INBOX_BYTES
+    final_publish_timeout: float = FINAL_PUBLISH_TIMEOUT
 
 
 @dataclass
@@ -75,9 +80,47 @@ class _Round:
     model_hash: str
     model_payload: bytes
     journal: RoundJournal
-    folded: FoldedSum
-    metrics: WeightedMetrics = field(default_factory=WeightedMetrics)
     opened: float = field(default_factory=time.monotonic)
+    flooding: set[str] = field(default_factory=set)  # devices over their journal bound
+
+    @property
+    def accepted(self) -> int:
+        return len(self.journal.accepted_devices())
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a closed round computed: a function of its set of accepted updates only."""
+
+    weights: dict[str, torch.Tensor]
+    devices: list[str]  # sorted
+    samples: int
+    metrics: dict[str, float]  # sample-weighted means of the devices' metrics
+    device_rows: list[dict]
+
+
+def aggregate_round(journal: RoundJournal, template: dict[str, torch.Tensor]) -> RoundResult:
+    """FedAvg of the round's accepted updates, folded in device-id order from the journal.
+
+    A float sum depends on the order of its terms; folding in a canonical order makes the
+    result a function of the set of updates alone, so a run resumed after a crash (whose
+    updates arrived in another order) ends with exactly the model of an uninterrupted one.
+    One update is in memory at a time."""
+    folded, means, rows = FoldedSum(template), WeightedMetrics(), []
+    for device, payload in journal.accepted(by_device=True):
+        update = messages.decode_update(payload, max_payload=len(payload))  # validated before
+        folded.fold(update.tensors, update.num_samples)
+        means.fold(update.metrics, update.num_samples)
+        rows.append(
+            {"device": device, "num_samples": update.num_samples, "metrics": update.metrics}
+        )
+    return RoundResult(
+        weights=folded.average(),
+        devices=[row["device"] for row in rows],
+        samples=folded.total_weight,
+        metrics=means.means(),
+        device_rows=rows,
+    )
 
 
 class Aggregator:
@@ -85,17 +128,23 @@ class Aggregator:
         self, config: AggregatorConfig, on_event: Callable[[str, dict], None] | None = None
     ):
         self.config = config
+        if not config.insecure and (config.verify_update is None or config.sign_model is None):
+            raise ConfigError(
+                "the aggregator needs its signing key and the device-key directory "
+                "(--signing-key, --device-keys, or --config with both); "
+                "to run without signatures pass --insecure"
+            )
         self.topics = Topics(config.federation)
         self.run_dir = RunDir(config.run_dir)
         self.on_event = on_event or (lambda kind, info: None)
-        # bounded: when the loop falls behind, the network thread waits here, TCP pushes back,
-        # and the broker keeps the rest; memory holds at most this many payloads
-        self._inbox: queue.Queue[_Inbound] = queue.Queue(maxsize=RECEIVE_MAXIMUM)
+        self._inbox = Inbox(RECEIVE_MAXIMUM, config.inbox_bytes)
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self._fatal: str | None = None  # set by the network thread: leave with this message
         self.status: dict[str, str] = {}
         self.phase = "starting"
         self._last_state_pub = 0.0
+        self._last_heartbeat = 0.0
         self._state_dirty = True
         self._last_metrics: dict = {}
         self.current: _Round | None = None
@@ -103,6 +152,8 @@ class Aggregator:
         # updates accepted in the previous round: a copy re-sent after the round closed
         # (a device re-sends when it sees a round's model again) is not news, not "late"
         self._previous_digests: set[str] = set()
+        # messages refused outside the round journal (status, control, floods), by reason
+        self._refused: Counter = Counter()
 
         if config.resume:
             self.spec, self.state, self.weights = self.run_dir.load()
@@ -121,27 +172,43 @@ class Aggregator:
         else:
             if config.task is None:
                 raise FedmqError("a new run needs a task (--task FILE)")
-            self.spec = RunSpec(
+            spec = RunSpec(
                 federation=config.federation,
                 task_json=config.task.to_json(),
                 rounds=config.rounds or 10,
                 min_devices=config.min_devices or 1,
+                run_id=secrets.token_hex(8),
             )
             self.weights = initial_weights(config.task)
-            self.state = self.run_dir.create(self.spec, self.weights)
+            self.state = self.run_dir.create(spec, self.weights)
+            self.spec = spec
+        self._refused.update(self.state.totals.get("refused_messages", {}))
         self.task = self.spec.task
         self.schema = codec.schema_of(self.weights)
         metrics = self.run_dir.metrics()
         self._last_metrics = metrics[-1] if metrics else {}
+        self.presence = signals.Presence(
+            status="online",
+            instance=secrets.token_hex(8),
+            run_id=self.spec.run_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            since=time.time(),
+        )
 
         self.client = make_client(
             config.connection,
             client_id=f"fedmq-aggregator-{config.federation}",
             manual_ack=True,
+            will=(self.topics.aggregator, self.presence.encode(status="offline")),
         )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+
+    @property
+    def instance(self) -> str:
+        return self.presence.instance
 
     # -- network thread ---------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -155,52 +222,105 @@ class Aggregator:
                 (self.topics.control, mqtt.SubscribeOptions(qos=1)),
             ]
         )
+        self._publish_presence()
         self._connected.set()
         self._state_dirty = True
         self._reannounce.set()  # a restarted broker may have lost the retained model
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
+        if getattr(reason_code, "value", None) == 142:  # session taken over
+            self._fatal = (
+                f"another aggregator connected to {self.config.connection.address} with "
+                f"federation {self.config.federation!r}'s aggregator session and took it over; "
+                "this one stops (resume it with --resume once the other is stopped)"
+            )
+            self._stop.set()
+            client.disconnect()  # no reconnecting: two aggregators would knock each other off
+            return
         if not self._stop.is_set():
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        item = _Inbound(msg.topic, msg.payload, msg.mid, msg.qos)
-        while not self._stop.is_set():
-            try:
-                self._inbox.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos), self._stop.is_set)
 
     # -- main loop --------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> int:
         """Run until the last round completes (0), ``stop`` (0), or a fatal short round (1)."""
-        connect_async(
-            self.client, self.config.connection, persistent=True, receive_maximum=RECEIVE_MAXIMUM
-        )
-        self.client.loop_start()
+        if self.config.insecure:
+            log.warning(
+                "running WITHOUT signatures (--insecure): models go out unsigned and "
+                "updates are accepted without checking who sent them"
+            )
+        self.run_dir.lock()
         try:
-            if not self._connected.wait(timeout=CONNECT_TIMEOUT):
-                raise FedmqError(
-                    f"cannot reach the broker at {self.config.connection.address} "
-                    "(is it running? are the credentials right?)"
-                )
-            return self._loop(timeout)
+            self._refuse_if_another_is_running()
+            connect_async(
+                self.client,
+                self.config.connection,
+                persistent=True,
+                receive_maximum=RECEIVE_MAXIMUM,
+            )
+            self.client.loop_start()
+            try:
+                if not self._connected.wait(timeout=CONNECT_TIMEOUT):
+                    raise FedmqError(
+                        f"cannot reach the broker at {self.config.connection.address} "
+                        "(is it running? are the credentials right?)"
+                    )
+                return self._loop(timeout)
+            finally:
+                self._leave()
         finally:
-            self._publish_state(force=True)
-            self._stop.set()  # from here on a disconnect is ours, not a lost link
-            self.client.disconnect()
-            self.client.loop_stop()
+            self.run_dir.unlock()
+
+    def _leave(self) -> None:
+        """Whatever ended the run: plot, last state, presence offline, disconnect."""
+        if self.config.plot and self.phase != "done":
+            self._plot()  # stopped, interrupted or failed: the plot of what was done
+        if self.phase not in ("done", "stopped"):
+            self.phase = "stopped" if self._fatal is None else "failed"
+        self._publish_state(force=True)
+        if self._connected.is_set():
+            self._publish(self.topics.aggregator, self.presence.encode(status="offline"), 5)
+        self._stop.set()  # from here on a disconnect is ours, not a lost link
+        self.client.disconnect()
+        self.client.loop_stop()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _refuse_if_another_is_running(self) -> None:
+        """One aggregator per federation: read the retained presence before taking the session."""
+        try:
+            found = read_retained(
+                self.config.connection,
+                [self.topics.aggregator],
+                client_prefix=f"fedmq-aggregator-{self.config.federation}-probe",
+                timeout=CONNECT_TIMEOUT,
+            )
+        except BrokerError as exc:
+            raise FedmqError(
+                f"cannot reach the broker at {self.config.connection.address}: {exc}"
+            ) from None
+        try:
+            other = signals.parse_presence(found.get(self.topics.aggregator, b""))
+        except CodecError:
+            other = None
+        reason = signals.running_elsewhere(other, self.presence, time.time(), _pid_alive, HEARTBEAT)
+        if reason:
+            raise FedmqError(
+                f"another aggregator is running federation {self.config.federation!r} "
+                f"({reason}); stop it first (`fedmq aggregator stop`)"
+            )
 
     def _loop(self, timeout: float | None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         current = self._open_round(self.state.completed_round + 1)
         while True:
             self.current = current
+            if self._fatal is not None:
+                raise FedmqError(self._fatal)
             if current is None:
                 return 0
             if self._stop.is_set():
@@ -213,6 +333,7 @@ class Aggregator:
                 self._announce(current)
             if self.phase == "collecting":
                 current = self._maybe_close(current)
+            self._heartbeat()
             self._publish_state()
             self.current = current
 
@@ -220,39 +341,39 @@ class Aggregator:
         if number > self.spec.rounds:
             self._finish()
             return None
-        payload, digest = messages.encode_model(
-            self.weights, number, self.task, sign=self.config.sign_model
-        )
+        payload, digest = self._encode_model(number)
         journal = RoundJournal.open(self.run_dir.path, number)
-        current = _Round(number, digest, payload, journal, FoldedSum(self.weights))
-        for _device, update_payload in journal.accepted():  # resuming mid-round
-            update = messages.decode_update(update_payload, max_payload=len(update_payload))
-            current.folded.fold(update.tensors, update.num_samples)
-            current.metrics.fold(update.metrics, update.num_samples)
+        current = _Round(number, digest, payload, journal)
         self._announce(current)
         self.phase = "collecting"
         self._state_dirty = True
         log.info("round %d: announced model %s (%d bytes)", number, digest[:12], len(payload))
-        self.on_event("round_open", {"round": number, "replayed": current.folded.count})
+        self.on_event("round_open", {"round": number, "replayed": current.accepted})
         return current
+
+    def _encode_model(self, number: int, final: bool = False) -> tuple[bytes, str]:
+        return messages.encode_model(
+            self.weights,
+            number,
+            self.task,
+            final=final,
+            federation=self.config.federation,
+            run_id=self.spec.run_id,
+            sign=self.config.sign_model,
+        )
 
     def _announce(self, current: _Round) -> None:
         """(Re)publish the round's model, retained: after a reconnect, devices that trained
         already re-send their update (counted once), the others start training."""
         self._reannounce.clear()
         self.client.publish(self.topics.model, current.model_payload, qos=1, retain=True)
+        self.on_event("announce", {"round": current.number})
 
     def _process_batch(self, current: _Round, limit: int = 256) -> None:
         """Handle what has arrived, make its fate durable with one commit, then ack it all."""
-        try:
-            batch = [self._inbox.get(timeout=0.1)]
-        except queue.Empty:
+        batch = self._inbox.take(limit, timeout=0.1)
+        if not batch:
             return
-        while len(batch) < limit:
-            try:
-                batch.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
         for item in batch:
             self._dispatch(item, current)
         current.journal.commit()  # group commit: one fsync for the whole batch
@@ -260,33 +381,60 @@ class Aggregator:
             if item.qos > 0:
                 self.client.ack(item.mid, item.qos)  # only now: its fate is on disk
 
-    def _dispatch(self, item: _Inbound, current: _Round) -> None:
+    def _dispatch(self, item: Inbound, current: _Round) -> None:
+        """Route one message; whatever goes wrong with it costs that message, not the loop."""
         kind = self.topics.kind_of(item.topic)
-        if kind == "updates":
-            self._handle_update(item, current)
-        elif kind == "status":
-            self._handle_status(item)
-        elif kind == "control":
-            self._handle_control(item)
+        try:
+            if kind == "updates":
+                self._handle_update(item, current)
+            elif kind == "status":
+                self._handle_status(item)
+            elif kind == "control":
+                self._handle_control(item)
+        except OSError:
+            raise  # the disk: nothing we can account for, and acking now would lose it
+        except Exception as exc:  # a bug a hostile message found: count it, keep going
+            device = self.topics.device_of(item.topic)
+            log.exception("error handling a %s message from %s: %r", kind, device, exc)
+            self._count_refused(kind or "other", "internal_error")
 
-    def _handle_status(self, item: _Inbound) -> None:
+    def _count_refused(self, kind: str, reason: str) -> None:
+        self._refused[f"{kind}:{reason}"] += 1
+        self._state_dirty = True
+
+    def _handle_status(self, item: Inbound) -> None:
         device_id = self.topics.device_of(item.topic)
         if device_id is None:
             return
         try:
-            status = json.loads(item.payload).get("status", "unknown") if item.payload else "gone"
-        except (ValueError, AttributeError):
-            status = "unknown"
-        if self.status.get(device_id) != status:
+            status = signals.parse_status(item.payload).status
+        except CodecError as exc:
+            log.warning("refused a status message from %s: %s (%s)", device_id, exc.reason, exc)
+            self._count_refused("status", exc.reason)
+            return
+        if device_id not in self.status and len(self.status) >= MAX_TRACKED_DEVICES:
+            self._count_refused("status", "too_many_devices")
+            return
+        previous = self.status.get(device_id)
+        if previous != status:
             self.status[device_id] = status
             self._state_dirty = True
+            if status == "offline" and previous in PRESENT:
+                log.info("device %s went offline", device_id)
             self.on_event("device", {"device": device_id, "status": status})
 
-    def _handle_control(self, item: _Inbound) -> None:
+    def _handle_control(self, item: Inbound) -> None:
         try:
-            command = json.loads(item.payload).get("command")
-        except (ValueError, AttributeError):
-            log.warning("ignored a control message that is not a JSON object")
+            control = signals.parse_control(item.payload)
+        except CodecError as exc:
+            log.warning("ignored a control message: %s (%s)", exc.reason, exc)
+            self._count_refused("control", exc.reason)
+            return
+        command = control.command
+        why_not = signals.control_is_for(control, self.instance)
+        if why_not:
+            log.warning("ignored control command %r: %s", command, why_not)
+            self._count_refused("control", "not_for_us")
             return
         if command == "pause" and self.phase == "collecting":
             self.phase = "paused"
@@ -301,11 +449,24 @@ class Aggregator:
         self._state_dirty = True
         self.on_event("control", {"command": command})
 
-    def _handle_update(self, item: _Inbound, current: _Round) -> None:
+    def _handle_update(self, item: Inbound, current: _Round) -> None:
         topic_device = self.topics.device_of(item.topic)
         digest = payload_digest(item.payload)
         if current.journal.seen(digest) or digest in self._previous_digests:
             return  # redelivered or re-sent: already accounted for
+        if current.journal.records_of(topic_device) >= MAX_RECORDS_PER_DEVICE:
+            if topic_device not in current.flooding:
+                current.flooding.add(topic_device)
+                log.warning(
+                    "round %d: %s sent more than %d distinct updates; ignoring the rest "
+                    "of its updates this round",
+                    current.number,
+                    topic_device,
+                    MAX_RECORDS_PER_DEVICE,
+                )
+            self._count_refused("updates", "flood")
+            return
+        reports = False
         try:
             update = messages.decode_update(
                 item.payload,
@@ -321,9 +482,15 @@ class Aggregator:
                 current_round=current.number,
                 current_hash=current.model_hash,
                 accepted_devices=current.journal.accepted_devices(),
+                binding=(update.federation, update.run_id),
+                expected_binding=(self.config.federation, self.spec.run_id),
             )
-            if verdict.outcome == rounds.ACCEPTED and self.config.verify_update is not None:
+            if verdict.reason != "wrong_device" and self.config.verify_update is not None:
+                # before any accounting: an unsigned or forged copy is nobody's report
                 self.config.verify_update(update.device_id, update.tensors, update.metadata)
+            reports = verdict.reason not in ("wrong_device", "wrong_run", "future_round") and (
+                verdict.outcome != rounds.LATE
+            )
         except CodecError as exc:
             verdict = rounds.Verdict(rounds.REJECTED, exc.reason)
             detail = f" ({exc})"
@@ -331,10 +498,10 @@ class Aggregator:
             detail = ""
         if verdict.outcome == rounds.ACCEPTED:
             current.journal.record_accepted(digest, topic_device, item.payload)
-            current.folded.fold(update.tensors, update.num_samples)
-            current.metrics.fold(update.metrics, update.num_samples)
         else:
-            current.journal.record(digest, topic_device, verdict.outcome, verdict.reason)
+            current.journal.record(
+                digest, topic_device, verdict.outcome, verdict.reason, reports=reports
+            )
             level = logging.WARNING if verdict.outcome == rounds.REJECTED else logging.INFO
             log.log(
                 level,
@@ -353,14 +520,14 @@ class Aggregator:
                 "device": topic_device,
                 "outcome": verdict.outcome,
                 "reason": verdict.reason,
-                "accepted": current.folded.count,
+                "accepted": current.accepted,
             },
         )
 
     def _maybe_close(self, current: _Round) -> _Round | None:
         present = {d for d, s in self.status.items() if s in PRESENT}
         decision = rounds.close_decision(
-            accepted=current.folded.count,
+            accepted=current.accepted,
             min_devices=self.spec.min_devices,
             present=present,
             reporters=current.journal.reporters(),
@@ -371,20 +538,22 @@ class Aggregator:
             return current
         if decision == rounds.SHORT:
             message = (
-                f"round {current.number}: {current.folded.count} of the "
+                f"round {current.number}: {current.accepted} of the "
                 f"{self.spec.min_devices} devices needed reported within {self.config.deadline:g}s"
             )
             if self.config.on_short == "stop":
                 raise FedmqError(message + "; stopping (resume with --resume)")
-            log.warning("%s; retrying the round", message)
+            log.warning("%s; announcing the round again", message)
             self.on_event("retry", {"round": current.number})
             current.opened = time.monotonic()
+            self._announce(current)
             return current
         return self._complete(current)
 
     def _complete(self, current: _Round) -> _Round | None:
         self.phase = "aggregating"
-        self.weights = current.folded.average()
+        result = aggregate_round(current.journal, self.weights)
+        self.weights = result.weights
         counts = current.journal.counts()
         totals = self.state.totals
         for outcome, n in counts["outcomes"].items():
@@ -393,21 +562,24 @@ class Aggregator:
         rejected = Counter(totals.get("rejected", {}))
         rejected.update(counts["rejected"])
         totals["rejected"] = dict(rejected)
+        totals["refused_messages"] = dict(self._refused)
         row = {
             "round": current.number,
-            "devices": current.folded.count,
-            "samples": current.folded.total_weight,
+            "devices": len(result.devices),
+            "contributors": result.devices,
+            "samples": result.samples,
             "seconds": round(time.monotonic() - current.opened, 3),
             "rejected": dict(counts["rejected"]),
-            **current.metrics.means(),
+            "metrics": result.metrics,
         }
-        self.run_dir.commit(self.state, current.number, self.weights, row)
+        device_rows = [{"round": current.number, **r} for r in result.device_rows]
+        self.run_dir.commit(self.state, current.number, self.weights, row, device_rows)
         self._previous_digests = {
             e["digest"] for e in current.journal.entries if e["outcome"] == rounds.ACCEPTED
         }
         current.journal.remove()
         self._last_metrics = row
-        log.info("round %d: aggregated %d updates", current.number, current.folded.count)
+        log.info("round %d: aggregated %d updates", current.number, len(result.devices))
         self.on_event("round_done", row)
         if self.config.stop_after is not None and current.number >= self.config.stop_after:
             self._stop.set()
@@ -415,28 +587,62 @@ class Aggregator:
         return self._open_round(current.number + 1)
 
     def _finish(self) -> None:
-        final_round = self.spec.rounds + 1
-        payload, _ = messages.encode_model(
-            self.weights, final_round, self.task, final=True, sign=self.config.sign_model
-        )
-        self.client.publish(self.topics.model, payload, qos=1, retain=True).wait_for_publish(10)
+        payload, _ = self._encode_model(self.spec.rounds + 1, final=True)
         self.phase = "done"
+        if not self._publish(self.topics.model, payload, self.config.final_publish_timeout):
+            log.error(
+                "could not publish the final model within %gs (broker unreachable); it is in %s",
+                self.config.final_publish_timeout,
+                self.run_dir.checkpoint_path(self.spec.rounds),
+            )
         if self.config.plot:
             self._plot()
         self.on_event("done", {"rounds": self.spec.rounds})
+
+    def _publish(self, topic: str, payload: bytes, timeout: float) -> bool:
+        """Publish retained and wait for the broker's ack, across reconnects; never raises."""
+        deadline = time.monotonic() + timeout
+        warned = False
+        while time.monotonic() < deadline and self._fatal is None:
+            if not self._connected.wait(timeout=1.0):
+                if not warned:
+                    log.warning("broker unreachable; waiting to publish %s", topic)
+                    warned = True
+                continue
+            info = self.client.publish(topic, payload, qos=1, retain=True)
+            try:
+                info.wait_for_publish(max(0.1, min(10.0, deadline - time.monotonic())))
+            except (RuntimeError, ValueError):  # the link dropped under us: try again
+                continue
+            if info.is_published():
+                return True
+        return False
 
     def _plot(self) -> None:
         try:
             from aggregator.plot import plot_metrics
 
-            plot_metrics(self.run_dir.metrics_jsonl, self.run_dir.plot_png)
+            if self.run_dir.metrics():
+                plot_metrics(self.run_dir.metrics_jsonl, self.run_dir.plot_png)
         except FedmqError as exc:
             log.warning("no plot: %s", exc)
 
-    # -- state topic --------------------------------------------------------------
+    # -- presence and state topics -------------------------------------------------------
+    def _publish_presence(self) -> None:
+        self._last_heartbeat = time.monotonic()
+        payload = self.presence.encode(heartbeat=time.time())
+        self.client.publish(self.topics.aggregator, payload, qos=1, retain=True)
+
+    def _heartbeat(self) -> None:
+        if self._connected.is_set() and time.monotonic() - self._last_heartbeat >= HEARTBEAT:
+            self._publish_presence()
+            self._state_dirty = True
+
     def state_snapshot(self) -> dict:
         """Run totals so far, the round in progress included."""
-        totals = {k: v for k, v in self.state.totals.items() if k != "rejected"}
+        totals = {
+            k: v for k, v in self.state.totals.items() if k not in ("rejected", "refused_messages")
+        }
         rejected = Counter(self.state.totals.get("rejected", {}))
         if self.current is not None and self.phase != "done":
             counts = self.current.journal.counts()
@@ -446,8 +652,11 @@ class Aggregator:
             rejected.update(counts["rejected"])
         totals["rejected"] = dict(rejected)
         totals["rejected_total"] = sum(rejected.values())
+        totals["refused_messages"] = dict(self._refused)
         return {
             "federation": self.config.federation,
+            "run_id": self.spec.run_id,
+            "instance": self.instance,
             "round": self.state.completed_round + (0 if self.phase == "done" else 1),
             "rounds": self.spec.rounds,
             "completed_rounds": self.state.completed_round,
@@ -456,6 +665,10 @@ class Aggregator:
             "devices": {
                 "seen": len(self.status),
                 "online": sorted(d for d, s in self.status.items() if s in PRESENT),
+            },
+            "round_progress": {
+                "accepted": self.current.accepted if self.current is not None else 0,
+                "reported": sorted(self.current.journal.reporters()) if self.current else [],
             },
             "totals": totals,
             "last_metrics": self._last_metrics,
@@ -473,9 +686,22 @@ class Aggregator:
             self.topics.state, json.dumps(snapshot).encode(), qos=1, retain=True
         )
         if force:
-            info.wait_for_publish(5)
+            try:
+                info.wait_for_publish(5)
+            except (RuntimeError, ValueError):
+                log.warning("could not publish the final state (broker unreachable)")
         self._last_state_pub = now
         self._state_dirty = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def initial_weights(task: TaskSpec) -> dict[str, torch.Tensor]:

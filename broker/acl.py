@@ -4,8 +4,8 @@ Devices are covered by ``pattern`` lines (``%u`` is the username, which is the
 device id), so adding or removing a device never changes the ACL text:
 
     device            write updates/<itself>, status/<itself>; read model, state
-    aggregator        write model, state; read updates/+, status/+, control, model, state
-    operator          write control; read state
+    aggregator        write model, state, aggregator; read updates/+, status/+, control
+    operator          write control; read state, aggregator
 
 Patterns apply to every account, so the two service accounts get explicit
 ``deny`` lines for what the device patterns would otherwise hand them
@@ -65,6 +65,7 @@ def render_acl(
         [
             f"topic readwrite {t.model}",
             f"topic readwrite {t.state}",
+            f"topic readwrite {t.aggregator}",
             f"topic read {t.updates_filter}",
             f"topic read {t.status_filter}",
             f"topic read {t.control}",
@@ -72,6 +73,11 @@ def render_acl(
     )
     out += service(
         operator_user,
-        [f"topic deny {t.model}", f"topic write {t.control}", f"topic read {t.state}"],
+        [
+            f"topic deny {t.model}",
+            f"topic write {t.control}",
+            f"topic read {t.state}",
+            f"topic read {t.aggregator}",
+        ],
     )
     return "\n".join(out) + "\n"

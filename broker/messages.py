@@ -5,7 +5,9 @@
     format      "fedmq/1"
     round       decimal integer >= 1
     task        the task spec as canonical JSON
-    model_hash  hex SHA-256 of the tensors, round and task (see ``model_hash``)
+    model_hash  hex SHA-256 of the tensors, round, task, federation and run (see ``model_hash``)
+    federation  the federation's name
+    run_id      the run's random id, fixed when the run is created (kept on --resume)
     final       "1" on the last model of a finished run (optional)
     signature   Ed25519 signature of the aggregator (optional, see broker/signing.py)
 
@@ -16,10 +18,15 @@
     device_id    must equal the topic's device id
     num_samples  decimal integer in [1, max_samples]
     base_hash    the model_hash of the global model it was trained from
-    metrics      JSON object of finite numbers (train_loss, eval_loss, eval_accuracy, ...)
+    federation   copied from the model it was trained from
+    run_id       copied from the model it was trained from
+    metrics      JSON object of finite numbers (train_loss, eval_loss, eval_accuracy, ...),
+                 at most MAX_METRICS names of at most MAX_METRIC_NAME characters
     signature    Ed25519 signature of the device (optional, see broker/signing.py)
 
 An update carries the device's full locally trained weights (not a delta).
+The signature covers every metadata key but itself, so it binds the update to
+its federation and run: the aggregator refuses one from elsewhere (``wrong_run``).
 """
 
 from __future__ import annotations
@@ -37,10 +44,23 @@ from broker.task import TaskSpec
 
 FORMAT = "fedmq/1"
 DEFAULT_MAX_SAMPLES = 10_000_000
+MAX_METRICS = 32  # metric names one update may carry
+MAX_METRIC_NAME = 64  # characters
+MAX_METRICS_JSON = 4096  # bytes of the metrics metadata string
 
 
-def model_hash(tensors: Mapping[str, torch.Tensor], round_: int, task_json: str) -> str:
-    return content_digest(tensors, {"round": str(round_), "task": task_json}).hex()
+def model_hash(
+    tensors: Mapping[str, torch.Tensor],
+    round_: int,
+    task_json: str,
+    *,
+    federation: str = "",
+    run_id: str = "",
+) -> str:
+    binding = {"round": str(round_), "task": task_json}
+    if federation or run_id:
+        binding |= {"federation": federation, "run_id": run_id}
+    return content_digest(tensors, binding).hex()
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,8 @@ class ModelMessage:
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     final: bool = False
+    federation: str = ""
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,8 @@ class UpdateMessage:
     metrics: dict[str, float]
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    federation: str = ""  # "" when the sender left it out: the aggregator refuses that
+    run_id: str = ""
 
 
 def encode_model(
@@ -71,12 +95,16 @@ def encode_model(
     task: TaskSpec,
     *,
     final: bool = False,
+    federation: str = "",
+    run_id: str = "",
     sign: Callable[[Mapping[str, torch.Tensor], dict[str, str]], str] | None = None,
 ) -> tuple[bytes, str]:
     """The ``model`` payload for ``round_`` and its model hash; ``sign`` adds a signature."""
     task_json = task.to_json()
-    digest = model_hash(tensors, round_, task_json)
+    digest = model_hash(tensors, round_, task_json, federation=federation, run_id=run_id)
     meta = {"format": FORMAT, "round": str(round_), "task": task_json, "model_hash": digest}
+    if federation or run_id:
+        meta |= {"federation": federation, "run_id": run_id}
     if final:
         meta["final"] = "1"
     if sign is not None:
@@ -94,7 +122,8 @@ def decode_model(payload: bytes, **limits) -> ModelMessage:
     except Exception as exc:  # TaskError; anything else is equally a bad task
         raise CodecError(f"metadata 'task' is invalid: {exc}", reason="bad_metadata") from None
     digest = _required(meta, "model_hash")
-    if model_hash(p.tensors, round_, task_json) != digest:
+    federation, run_id = meta.get("federation", ""), meta.get("run_id", "")
+    if model_hash(p.tensors, round_, task_json, federation=federation, run_id=run_id) != digest:
         raise CodecError("model_hash does not match the model's content", reason="bad_metadata")
     return ModelMessage(
         round=round_,
@@ -104,6 +133,8 @@ def decode_model(payload: bytes, **limits) -> ModelMessage:
         tensors=p.tensors,
         metadata=meta,
         final=meta.get("final") == "1",
+        federation=federation,
+        run_id=run_id,
     )
 
 
@@ -115,6 +146,8 @@ def encode_update(
     num_samples: int,
     base_hash: str,
     metrics: Mapping[str, float],
+    federation: str = "",
+    run_id: str = "",
 ) -> bytes:
     meta = update_metadata(
         round_=round_,
@@ -122,14 +155,23 @@ def encode_update(
         num_samples=num_samples,
         base_hash=base_hash,
         metrics=metrics,
+        federation=federation,
+        run_id=run_id,
     )
     return encode(tensors, meta)
 
 
 def update_metadata(
-    *, round_: int, device_id: str, num_samples: int, base_hash: str, metrics: Mapping[str, float]
+    *,
+    round_: int,
+    device_id: str,
+    num_samples: int,
+    base_hash: str,
+    metrics: Mapping[str, float],
+    federation: str = "",
+    run_id: str = "",
 ) -> dict[str, str]:
-    return {
+    meta = {
         "format": FORMAT,
         "round": str(round_),
         "device_id": device_id,
@@ -137,6 +179,9 @@ def update_metadata(
         "base_hash": base_hash,
         "metrics": json.dumps({k: float(v) for k, v in metrics.items()}, sort_keys=True),
     }
+    if federation or run_id:
+        meta |= {"federation": federation, "run_id": run_id}
+    return meta
 
 
 def decode_update(
@@ -149,19 +194,31 @@ def decode_update(
     p: Payload = decode(payload, schema=schema, **limits)
     meta = p.metadata
     metrics_raw = _required(meta, "metrics")
+    if len(metrics_raw) > MAX_METRICS_JSON:
+        raise CodecError(
+            f"metadata 'metrics' is {len(metrics_raw)} characters (limit {MAX_METRICS_JSON})",
+            reason="bad_metadata",
+        )
     try:
         metrics = json.loads(metrics_raw)
     except (ValueError, RecursionError):
         raise CodecError("metadata 'metrics' is not JSON", reason="bad_metadata") from None
-    if not isinstance(metrics, dict) or not all(
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise CodecError(
+            f"metadata 'metrics' must be an object of at most {MAX_METRICS} numbers",
+            reason="bad_metadata",
+        )
+    if not all(
         isinstance(k, str)
+        and 0 < len(k) <= MAX_METRIC_NAME
         and isinstance(v, (int, float))
         and not isinstance(v, bool)
         and (math.isfinite(v) if isinstance(v, float) else abs(v) < 2**1023)  # float(v) fits
         for k, v in metrics.items()
     ):
         raise CodecError(
-            "metadata 'metrics' must be an object of finite numbers", reason="bad_metadata"
+            "metadata 'metrics' must map names of 1-64 characters to finite numbers",
+            reason="bad_metadata",
         )
     return UpdateMessage(
         round=_int(meta, "round", minimum=1),
@@ -171,6 +228,8 @@ def decode_update(
         metrics={k: float(v) for k, v in metrics.items()},
         tensors=p.tensors,
         metadata=meta,
+        federation=meta.get("federation", ""),
+        run_id=meta.get("run_id", ""),
     )
 
 

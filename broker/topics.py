@@ -5,6 +5,7 @@ fedmq/<federation>/updates/<device_id>  one device's update (that device)
 fedmq/<federation>/status/<device_id>   retained JSON status + last will (device)
 fedmq/<federation>/state                retained JSON state (aggregator)
 fedmq/<federation>/control              JSON commands (operator)
+fedmq/<federation>/aggregator           retained JSON presence + last will (aggregator)
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Topics:
         return f"{self.base}/control"
 
     @property
+    def aggregator(self) -> str:
+        return f"{self.base}/aggregator"
+
+    @property
     def all(self) -> str:
         return f"{self.base}/#"
 
@@ -86,4 +91,5 @@ class Topics:
         if not topic.startswith(prefix):
             return None
         head = topic[len(prefix) :].split("/", 1)[0]
-        return head if head in ("model", "state", "control", "updates", "status") else None
+        kinds = ("model", "state", "control", "updates", "status", "aggregator")
+        return head if head in kinds else None

@@ -151,6 +151,12 @@ class Agent:
             model_msg = messages.decode_model(payload, max_payload=self.config.max_payload)
             if self.config.verify_model is not None:
                 self.config.verify_model(model_msg.tensors, model_msg.metadata)
+            if model_msg.federation != self.config.federation:
+                raise CodecError(
+                    f"the model belongs to federation {model_msg.federation!r}, "
+                    f"not {self.config.federation!r}",
+                    reason="wrong_run",
+                )
         except CodecError as exc:
             log.error("refused a global model (%s): %s", exc.reason, exc)
             self.on_event("model_refused", {"reason": exc.reason})
@@ -202,6 +208,8 @@ class Agent:
             num_samples=result.num_samples,
             base_hash=msg.model_hash,
             metrics=metrics,
+            federation=msg.federation,
+            run_id=msg.run_id,
         )
         if cfg.sign is not None:
             meta["signature"] = cfg.sign(tensors, meta)

@@ -215,6 +215,13 @@ def aggregator() -> None:
     envvar="FEDMQ_DEVICE_KEYS",
     help="Directory of <device>.pub keys: refuse unsigned or forged updates.",
 )
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="FEDMQ_INSECURE",
+    help="Run without signatures: unsigned models, updates accepted unchecked (logged loudly). "
+    "Without it, a missing key stops the aggregator.",
+)
 @fedmq_errors
 def aggregator_start(
     connection,
@@ -229,6 +236,7 @@ def aggregator_start(
     threads,
     signing_key,
     device_keys,
+    insecure,
 ) -> None:
     """Run rounds: announce the model, collect updates, average them, checkpoint, repeat.
 
@@ -267,6 +275,7 @@ def aggregator_start(
             stop_after=stop_after,
             sign_model=sign_model,
             verify_update=verify_update,
+            insecure=insecure,
         ),
         on_event=None,
     )
@@ -296,12 +305,15 @@ def aggregator_status(
     as_json,
 ) -> None:
     """Show the running aggregator's state: round, phase, devices, refusals."""
-    from fedmq.operator import read_state
+    from fedmq.operator import no_aggregator, read_state
 
     settings, federation, _ = connection.resolve()
     state = read_state(settings, federation, timeout=timeout)
     if as_json:
         click.echo(json.dumps(state, indent=2, sort_keys=True))
+        return
+    if not state["aggregator"]["running"]:
+        click.echo(no_aggregator(federation, state))
         return
     click.echo(format_state(state))
 
@@ -317,14 +329,16 @@ def format_state(state: dict) -> str:
         f"late {totals.get('late', 0)}, rejected {sum(rejected.values())}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))})" if rejected else ""),
     ]
-    metrics = state.get("last_metrics") or {}
-    if metrics:
-        shown = ", ".join(
+    last = state.get("last_metrics") or {}
+    if last:
+        shown = {"devices": last.get("devices"), "samples": last.get("samples")}
+        shown |= last.get("metrics") or {}
+        text = ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in metrics.items()
-            if k not in ("rejected",)
+            for k, v in shown.items()
+            if v is not None
         )
-        lines.append(f"last round: {shown}")
+        lines.append(f"last round ({last.get('round')}): {text}")
     age = time.time() - state.get("time", time.time())
     lines.append(f"state published {age:.0f}s ago")
     return "\n".join(lines)

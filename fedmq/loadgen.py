@@ -35,6 +35,8 @@ def signed_update(
         num_samples=num_samples,
         base_hash=model.model_hash,
         metrics={"train_loss": scale},
+        federation=model.federation,
+        run_id=model.run_id,
     )
     meta["signature"] = signing.sign(signing.load_private(creds["signing_key"]), tensors, meta)
     return device, codec.encode(tensors, meta)

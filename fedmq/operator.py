@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import queue
 import secrets
+import time
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from broker import signals
 from broker.connection import ConnectionSettings, connect_async, make_client
-from broker.errors import BrokerError, FedmqError
+from broker.errors import BrokerError, CodecError, FedmqError
+from broker.retained import read_retained
 from broker.topics import Topics
 
 CONTROL_EXPIRY = 60  # seconds: a command is not delivered to an aggregator that starts later
@@ -64,9 +67,58 @@ class StateWatcher:
                 ) from None
 
 
+def read_presence(
+    settings: ConnectionSettings, federation: str, timeout: float = 5
+) -> tuple[dict | None, signals.Presence | None]:
+    """(the retained state, the aggregator's retained presence); None where there is none."""
+    topics = Topics(federation)
+    found = read_retained(
+        settings, [topics.state, topics.aggregator], client_prefix="fedmq-operator", timeout=timeout
+    )
+    try:
+        state = json.loads(found[topics.state]) if topics.state in found else None
+    except ValueError:
+        state = None
+    try:
+        presence = signals.parse_presence(found.get(topics.aggregator, b""))
+    except CodecError:
+        presence = None
+    return (state if isinstance(state, dict) else None), presence
+
+
 def read_state(settings: ConnectionSettings, federation: str, timeout: float = 5) -> dict:
-    with StateWatcher(settings, federation) as watcher:
-        return watcher.next_state(timeout)
+    """The retained state, with ``aggregator``: whether one is running (from its presence)."""
+    state, presence = read_presence(settings, federation, timeout)
+    if state is None:
+        raise FedmqError(
+            f"no aggregator state for federation {federation!r} on {settings.address} "
+            "(has an aggregator ever run it?)"
+        )
+    running = presence is not None and presence.status == "online"
+    state["aggregator"] = {
+        "running": running,
+        "instance": presence.instance if presence else None,
+        "host": presence.host if presence else None,
+        "pid": presence.pid if presence else None,
+        "last_seen": state.get("time"),
+    }
+    return state
+
+
+def no_aggregator(federation: str, state: dict | None) -> str:
+    """'no aggregator running ...' with when it was last seen and where it was."""
+    if not state:
+        return f"no aggregator running for federation {federation!r}"
+    seen = state.get("time")
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen))
+        if isinstance(seen, (int, float))
+        else "?"
+    )
+    return (
+        f"no aggregator running for federation {federation!r} (last seen {when}, "
+        f"round {state.get('round')} of {state.get('rounds')}, {state.get('phase')})"
+    )
 
 
 def send_control(
@@ -77,19 +129,34 @@ def send_control(
     expect_phases: set[str],
     timeout: float = 10,
 ) -> dict:
-    """Publish a command and wait until the retained state shows one of ``expect_phases``."""
+    """Send a command to the running aggregator (it names that aggregator's instance, so no
+    later one acts on it) and wait until the retained state shows one of ``expect_phases``."""
+    state, presence = read_presence(settings, federation, timeout)
+    if presence is None or presence.status != "online":
+        raise FedmqError(no_aggregator(federation, state) + f"; {command!r} not sent")
+    if state and state.get("phase") in ("done",) and command != "stop":
+        raise FedmqError(f"the aggregator's run is already {state['phase']}")
     with StateWatcher(settings, federation) as watcher:
         state = watcher.next_state(timeout)  # also proves we are connected and subscribed
-        if state.get("phase") in ("done",) and command != "stop":
-            raise FedmqError(f"the aggregator's run is already {state['phase']}")
         props = Properties(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = CONTROL_EXPIRY
         watcher.client.publish(
-            watcher.topics.control, json.dumps({"command": command}), qos=1, properties=props
+            watcher.topics.control,
+            signals.encode_control(command, presence.instance),
+            qos=1,
+            properties=props,
         ).wait_for_publish(timeout)
+        deadline = time.monotonic() + timeout
         while state.get("phase") not in expect_phases:
-            state = watcher.next_state(timeout)
+            left = deadline - time.monotonic()
+            try:
+                state = watcher.next_state(max(left, 0.01))
+            except FedmqError:
+                raise FedmqError(
+                    f"the aggregator (pid {presence.pid} on {presence.host}) did not confirm "
+                    f"{command!r} within {timeout:g}s"
+                ) from None
         return state
 
 
-__all__ = ["read_state", "send_control"]
+__all__ = ["read_presence", "read_state", "send_control"]

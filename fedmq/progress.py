@@ -45,15 +45,15 @@ class RoundProgress:
                 ("eval_loss", "eval loss"),
                 ("eval_accuracy", "eval acc"),
             ):
-                if key in info:
-                    parts.append(f"{label} {info[key]:.4f}")
+                if key in info.get("metrics", {}):
+                    parts.append(f"{label} {info['metrics'][key]:.4f}")
             parts.append(f"{info['seconds']:.1f}s")
             self.progress.console.print(", ".join(parts))
         elif kind == "done":
             self.progress.update(self.task_id, description="done")
         elif kind in ("update", "round_open", "device", "control"):
             current = svc.current
-            accepted = current.folded.count if current else 0
+            accepted = current.accepted if current else 0
             online = sum(1 for s in svc.status.values() if s in ("online", "training"))
             self.progress.update(
                 self.task_id,

@@ -46,5 +46,5 @@ def test_five_federated_rounds_equal_five_centralized_steps(federation, tmp_path
     central = centralized_gd(task, 5)
     for name in central:
         np.testing.assert_allclose(federated[name].numpy(), central[name].numpy(), atol=1e-5)
-    losses = [row["train_loss"] for row in agg.run_dir.metrics()]
+    losses = [row["metrics"]["train_loss"] for row in agg.run_dir.metrics()]
     assert len(losses) == 5 and losses[-1] < losses[0]

@@ -88,8 +88,21 @@ def test_unreachable_broker_is_one_clear_line(tmp_path, monkeypatch):
             str(task),
             "--run-dir",
             str(tmp_path / "r"),
+            "--insecure",
         ],
     )
     assert result.exit_code == 1
     assert "cannot reach the broker at 127.0.0.1:1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_aggregator_without_keys_refuses_to_start_unless_insecure(tmp_path):
+    task = tmp_path / "task.toml"
+    task.write_text('[model]\narch = "linear"\nin_features = 2\n')
+    args = ["aggregator", "start", "--broker", "127.0.0.1:1", "--federation", "f"]
+    args += ["--task", str(task), "--run-dir", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "needs its signing key and the device-key directory" in result.output
+    assert "--insecure" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -156,7 +156,7 @@ def test_agent_killed_while_training_does_not_stall_the_round(federation, tmp_pa
     wait_for(lambda: agg.status.get("dev3") == "training", 60, "dev3 training")
     for d in ("dev1", "dev2"):
         fed.in_thread(fed.agent(d, files[d], exit_when_done=True).run, timeout=120)
-    wait_for(lambda: agg.current and agg.current.folded.count == 2, 60, "two updates")
+    wait_for(lambda: agg.current and agg.current.accepted == 2, 60, "two updates")
     assert agg.state.completed_round == 0  # dev3 is present and has not reported: wait
     slow.send_signal(signal.SIGKILL)
     assert join(agg_thread, 90) == 0

@@ -120,7 +120,7 @@ def test_late_duplicate_and_replayed_updates_count_once(federation, tmp_path):
     second = signed_update(fed, "bob", round1, num_samples=40, metrics={"train_loss": 2.0})
     publish_as(fed, "bob", topic, second)  # a second, different update for the same round
     wait_for(lambda: agg.current.journal.counts()["outcomes"].get("duplicate"), 10, "duplicate")
-    assert agg.current.folded.count == 1
+    assert agg.current.accepted == 1
 
     # alice closes round 1 (both present devices reported); bob's round-1 update is now late
     alice = fed.agent("alice", files["alice"], max_rounds=1)

@@ -117,18 +117,21 @@ def test_journal_records_and_counts(tmp_path):
     assert journal.path == tmp_path / "rounds" / "000003" / "journal.jsonl"
     p_bob, p_alice = b"bob's update", b"alice's update"
     journal.record_accepted(payload_digest(p_bob), "bob", p_bob)
-    journal.record(payload_digest(b"junk"), "eve", REJECTED, "non_finite")
+    journal.record(payload_digest(b"junk"), "eve", REJECTED, "non_finite", reports=True)
     journal.record(payload_digest(b"junk2"), None, REJECTED, "not_safetensors")
     journal.record_accepted(payload_digest(p_alice), "alice", p_alice)
-    journal.record(payload_digest(b"old"), "carol", LATE)
+    journal.record(payload_digest(b"old"), "carol", LATE)  # another round's: not a report
+    journal.record(payload_digest(b"forged"), "dave", REJECTED, "bad_signature")
 
     assert journal.accepted_devices() == ["bob", "alice"]
     assert list(journal.accepted()) == [("bob", p_bob), ("alice", p_alice)]
     assert journal.blobs_path.read_bytes() == p_bob + p_alice  # committed by accepted()
-    assert journal.reporters() == {"bob", "eve", "alice", "carol"}
+    assert journal.reporters() == {"bob", "eve", "alice"}
+    assert list(journal.accepted(by_device=True)) == [("alice", p_alice), ("bob", p_bob)]
+    assert journal.records_of("bob") == 1 and journal.records_of("zed") == 0
     counts = journal.counts()
-    assert counts["outcomes"] == {ACCEPTED: 2, REJECTED: 2, LATE: 1}
-    assert counts["rejected"] == {"non_finite": 1, "not_safetensors": 1}
+    assert counts["outcomes"] == {ACCEPTED: 2, REJECTED: 3, LATE: 1}
+    assert counts["rejected"] == {"non_finite": 1, "not_safetensors": 1, "bad_signature": 1}
     assert payload_digest(p_bob) == hashlib.sha256(p_bob).hexdigest()
 
 

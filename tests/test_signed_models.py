@@ -53,9 +53,39 @@ def test_agent_trains_on_a_properly_signed_model(federation, tmp_path):
     task = TaskSpec.load(blobs_task(tmp_path))
     key = signing.load_private(load_credentials(fed.credentials("fedmq-aggregator"))["signing_key"])
     payload, _ = messages.encode_model(
-        initial_weights(task), 1, task, sign=lambda t, m: signing.sign(key, t, m)
+        initial_weights(task),
+        1,
+        task,
+        federation=fed.name,
+        run_id="run-1",
+        sign=lambda t, m: signing.sign(key, t, m),
     )
     publish_as(fed, "fedmq-aggregator", Topics(fed.name).model, payload, retain=True)
     agent = fed.agent("bob", files["bob"], max_rounds=1)
     assert join(fed.in_thread(agent.run, timeout=20), 30) == 0
+
+
+def test_agent_refuses_a_signed_model_of_another_federation(federation, tmp_path):
+    """The aggregator's key signs models of every federation it runs: the name binds them."""
+    fed = federation(devices=["bob"])
+    files = write_blobs(tmp_path / "data", ["bob"])
+    task = TaskSpec.load(blobs_task(tmp_path))
+    key = signing.load_private(load_credentials(fed.credentials("fedmq-aggregator"))["signing_key"])
+    payload, _ = messages.encode_model(
+        initial_weights(task),
+        1,
+        task,
+        federation="elsewhere",
+        run_id="run-1",
+        sign=lambda t, m: signing.sign(key, t, m),
+    )
+    publish_as(fed, "fedmq-aggregator", Topics(fed.name).model, payload, retain=True)
+    agent = fed.agent("bob", files["bob"], max_rounds=1)
+    events = []
+    agent.on_event = lambda kind, info: events.append((kind, info))
+    thread = fed.in_thread(agent.run, timeout=20)
+    wait_for(lambda: ("model_refused", {"reason": "wrong_run"}) in events, 15, "the refusal")
+    agent.stop()
+    join(thread, 20)
+    assert not any(kind == "trained" for kind, _ in events)
     assert agent.rounds_trained == 1

@@ -41,7 +41,7 @@ def main() -> None:
             def show(kind: str, info: dict) -> None:
                 if kind == "round_done":
                     print(
-                        f"round {info['round']:3d}: loss {info['train_loss']:.6f} "
+                        f"round {info['round']:3d}: loss {info['metrics']['train_loss']:.6f} "
                         f"(from {info['devices']} devices)"
                     )
 
