@@ -28,7 +28,7 @@ from aggregator.checkpoint import RunDir, RunSpec
 from aggregator.fedavg import FoldedSum, WeightedMetrics
 from aggregator.journal import RoundJournal, payload_digest
 from broker import codec, messages, zoo
-from broker.connection import ConnectionSettings, connect_async, make_client
+from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import CodecError, FedmqError
 from broker.task import TaskSpec
 from broker.topics import Topics
@@ -145,8 +145,7 @@ class Aggregator:
 
     # -- network thread ---------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused the aggregator: %s", reason_code)
+        if reason_code.is_failure:  # the ConnectionWatch of run() says why
             return
         client.subscribe(
             [
@@ -160,8 +159,9 @@ class Aggregator:
         self._reannounce.set()  # a restarted broker may have lost the retained model
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        if not self._stop.is_set():
+        if was_connected and not self._stop.is_set():
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
@@ -175,18 +175,23 @@ class Aggregator:
 
     # -- main loop --------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> int:
-        """Run until the last round completes (0), ``stop`` (0), or a fatal short round (1)."""
+        """Run until the last round completes (0), ``stop`` (0), or a fatal short round (1).
+
+        Bad credentials, a failed TLS verification or an ACL refusal raise BrokerError
+        at once (later on, they stop the loop); an unreachable broker is logged as a
+        warning and, at start-up, raises after CONNECT_TIMEOUT with the reason."""
+        watch = ConnectionWatch(
+            self.client, self.config.connection, log, on_fatal=lambda exc: self.stop()
+        )
         connect_async(
             self.client, self.config.connection, persistent=True, receive_maximum=RECEIVE_MAXIMUM
         )
         self.client.loop_start()
         try:
-            if not self._connected.wait(timeout=CONNECT_TIMEOUT):
-                raise FedmqError(
-                    f"cannot reach the broker at {self.config.connection.address} "
-                    "(is it running? are the credentials right?)"
-                )
-            return self._loop(timeout)
+            watch.wait_connected(CONNECT_TIMEOUT)
+            code = self._loop(timeout)
+            watch.raise_if_fatal()
+            return code
         finally:
             self._publish_state(force=True)
             self._stop.set()  # from here on a disconnect is ours, not a lost link
