@@ -101,6 +101,15 @@ def from_exception(
     where = f"cannot connect to the broker at {settings.address}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _verification_problem(exc, settings, fetch_names)
+    if isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)) or (
+        isinstance(exc, ssl.SSLError) and "unexpected eof" in str(exc).lower()
+    ):
+        hint = (
+            f" (is {settings.port} the broker's plaintext port? TLS is on because a CA file is set)"
+            if settings.tls
+            else ""
+        )
+        return Problem(f"{where}: the broker closed the connection at once{hint}", False)
     if isinstance(exc, ssl.SSLError):
         text = (exc.reason or str(exc)).lower()
         if "wrong_version_number" in text or "wrong version number" in text:
@@ -139,13 +148,6 @@ def from_exception(
             "and the port open in its firewall?",
             permanent=False,
         )
-    if isinstance(exc, ConnectionResetError):
-        hint = (
-            f" (is {settings.port} the broker's plaintext port? TLS is on because a CA file is set)"
-            if settings.tls
-            else ""
-        )
-        return Problem(f"{where}: the broker closed the connection at once{hint}", False)
     if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return Problem(f"{where}: {exc.strerror} (check the address and the network)", False)
     if isinstance(exc, OSError):

@@ -21,7 +21,7 @@ import pytest
 
 from broker import diagnose
 from broker.connection import ConnectionSettings, ConnectionWatch, make_client
-from broker.home import BrokerHome
+from broker.home import BrokerHome, load_credentials
 from broker.launcher import free_port
 from fedmq.local import AGGREGATOR, OPERATOR
 from tests.helpers import blobs_task, write_blobs
@@ -29,7 +29,7 @@ from tests.helpers import blobs_task, write_blobs
 WITHIN = 10.0  # seconds a user may wait for the reason
 
 
-def fedmq(*args: str, timeout: float = 30) -> tuple[int, str, float]:
+def fedmq(*args: str, timeout: float = 30, env: dict | None = None) -> tuple[int, str, float]:
     """Run ``fedmq ARGS`` to its end: (exit code, stdout + stderr, seconds)."""
     started = time.monotonic()
     done = subprocess.run(
@@ -38,7 +38,7 @@ def fedmq(*args: str, timeout: float = 30) -> tuple[int, str, float]:
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
@@ -167,6 +167,23 @@ def test_an_unresolvable_host_name_is_named(federation):
 
 
 # --------------------------------------------------------------------------- TLS
+
+
+def test_tls_and_plaintext_ports_mixed_up_are_named(federation):
+    fed = federation(devices=["bob"])
+    operator = fed.credentials(OPERATOR)
+    code, out, took = fedmq(
+        "aggregator", "status", "--config", operator, "--broker", f"127.0.0.1:{fed.port}"
+    )
+    assert code == 1 and took < WITHIN
+    one_error_line(out, f"is {fed.port} the broker's plaintext port?")
+    password = load_credentials(operator)["password"]
+    code, out, took = fedmq(
+        "aggregator", "status", "--broker", f"127.0.0.1:{fed.tls_port}", "--federation", "test",
+        "--username", OPERATOR, env={"FEDMQ_PASSWORD": password},
+    )  # fmt: skip
+    assert code == 1 and took < WITHIN
+    one_error_line(out, "closed the connection without answering", "is this its TLS port?")
 
 
 def test_tls_host_name_mismatch_names_the_certificates_names(federation, data, tmp_path):

@@ -225,3 +225,9 @@ def test_readme_flow_documents_bind_and_runs(tmp_path, broker_up, monkeypatch):
     )
     assert status.returncode == 1
     assert f"connected to localhost:{tls_port}, but no aggregator state" in status.stderr
+
+
+def test_broker_up_help_explains_bind():
+    result = CliRunner().invoke(main, ["broker", "up", "--help"])
+    text = " ".join(result.output.split())
+    assert "--bind 0.0.0.0" in text and "LAN" in text
