@@ -31,8 +31,8 @@ from aggregator.fedavg import FoldedSum, WeightedMetrics
 from aggregator.inbox import Inbound, Inbox
 from aggregator.journal import RoundJournal, payload_digest
 from broker import codec, messages, signals, zoo
-from broker.connection import ConnectionSettings, connect_async, make_client
-from broker.errors import BrokerError, CodecError, ConfigError, FedmqError
+from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
+from broker.errors import CodecError, ConfigError, FedmqError
 from broker.retained import read_retained
 from broker.task import TaskSpec
 from broker.topics import Topics
@@ -212,8 +212,7 @@ class Aggregator:
 
     # -- network thread ---------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused the aggregator: %s", reason_code)
+        if reason_code.is_failure:  # the ConnectionWatch of run() says why
             return
         client.subscribe(
             [
@@ -228,6 +227,7 @@ class Aggregator:
         self._reannounce.set()  # a restarted broker may have lost the retained model
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
         if getattr(reason_code, "value", None) == 142:  # session taken over
             self._fatal = (
@@ -238,7 +238,7 @@ class Aggregator:
             self._stop.set()
             client.disconnect()  # no reconnecting: two aggregators would knock each other off
             return
-        if not self._stop.is_set():
+        if was_connected and not self._stop.is_set():
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
@@ -246,7 +246,11 @@ class Aggregator:
 
     # -- main loop --------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> int:
-        """Run until the last round completes (0), ``stop`` (0), or a fatal short round (1)."""
+        """Run until the last round completes (0), ``stop`` (0), or a fatal short round (1).
+
+        Bad credentials, a failed TLS verification or an ACL refusal raise BrokerError
+        at once (later on, they stop the loop); an unreachable broker is logged as a
+        warning and, at start-up, raises after CONNECT_TIMEOUT with the reason."""
         if self.config.insecure:
             log.warning(
                 "running WITHOUT signatures (--insecure): models go out unsigned and "
@@ -255,6 +259,9 @@ class Aggregator:
         self.run_dir.lock()
         try:
             self._refuse_if_another_is_running()
+            watch = ConnectionWatch(
+                self.client, self.config.connection, log, on_fatal=lambda exc: self.stop()
+            )
             connect_async(
                 self.client,
                 self.config.connection,
@@ -263,12 +270,10 @@ class Aggregator:
             )
             self.client.loop_start()
             try:
-                if not self._connected.wait(timeout=CONNECT_TIMEOUT):
-                    raise FedmqError(
-                        f"cannot reach the broker at {self.config.connection.address} "
-                        "(is it running? are the credentials right?)"
-                    )
-                return self._loop(timeout)
+                watch.wait_connected(CONNECT_TIMEOUT)
+                code = self._loop(timeout)
+                watch.raise_if_fatal()
+                return code
             finally:
                 self._leave()
         finally:
@@ -292,17 +297,13 @@ class Aggregator:
 
     def _refuse_if_another_is_running(self) -> None:
         """One aggregator per federation: read the retained presence before taking the session."""
-        try:
-            found = read_retained(
-                self.config.connection,
-                [self.topics.aggregator],
-                client_prefix=f"fedmq-aggregator-{self.config.federation}-probe",
-                timeout=CONNECT_TIMEOUT,
-            )
-        except BrokerError as exc:
-            raise FedmqError(
-                f"cannot reach the broker at {self.config.connection.address}: {exc}"
-            ) from None
+        found = read_retained(
+            self.config.connection,
+            [self.topics.aggregator],
+            client_prefix=f"fedmq-aggregator-{self.config.federation}-probe",
+            timeout=CONNECT_TIMEOUT,
+            log=log,
+        )
         try:
             other = signals.parse_presence(found.get(self.topics.aggregator, b""))
         except CodecError:

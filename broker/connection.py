@@ -2,21 +2,30 @@
 
 Every client is MQTT 5 with the paho-mqtt 2 callback API, a stable client id and
 a persistent session (``clean_start=False`` plus a session expiry), reconnects
-with exponential backoff, and TLS when a CA file is given.
+with exponential backoff, and TLS when a CA file is given. A ``ConnectionWatch``
+turns paho's silent retrying into one specific line (``broker/diagnose.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from broker.errors import ConfigError
+from broker import diagnose
+from broker.diagnose import Problem
+from broker.errors import BrokerError, ConfigError
 
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps a disconnected client's session
 RECONNECT_MIN, RECONNECT_MAX = 1, 30  # seconds of backoff
@@ -143,3 +152,199 @@ def connect_async(
         clean_start=not persistent,
         properties=connect_properties(persistent, receive_maximum),
     )
+
+
+class ConnectionWatch:
+    """Makes paho's silent, endless retrying loud and specific.
+
+    paho's ``loop_start`` retries a failed connection forever and tells no one.
+    A watch wraps a client's callbacks (set the owner's callbacks first) and its
+    ``subscribe``/``publish``, diagnoses every failed attempt, refused CONNACK,
+    SUBACK and PUBACK (``broker/diagnose.py``), and:
+
+    - a permanent problem (bad credentials, TLS verification, not authorized)
+      becomes ``fatal``, a ``BrokerError`` handed once to ``on_fatal``;
+    - a transient one (refused, unreachable, unresolvable) is logged as a
+      WARNING at once, again when it changes, and at most every ``warn_every``
+      seconds while it lasts; paho keeps retrying. With ``patient=False`` (a
+      one-shot command) a transient problem is fatal too.
+    """
+
+    def __init__(
+        self,
+        client: mqtt.Client,
+        settings: ConnectionSettings,
+        log: logging.Logger,
+        *,
+        on_fatal: Callable[[BrokerError], None] | None = None,
+        patient: bool = True,
+        warn_every: float = 30.0,
+        log_connect: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.log = log
+        self.on_fatal = on_fatal
+        self.patient = patient
+        self.warn_every = warn_every
+        self.log_connect = log_connect
+        self.problem: Problem | None = None  # the latest problem; None while all is well
+        self.fatal: BrokerError | None = None
+        self.connected = threading.Event()
+        self._changed = threading.Event()  # connected or fatal
+        self._lock = threading.Lock()
+        self._warned: tuple[str, float] | None = None  # (message, monotonic time)
+        self._connack_seen = False  # in the current attempt
+        self._ever_connected = False
+        self._subscriptions: dict[int, list[str]] = {}
+        self._publishes: dict[int, str] = {}
+        self._early_pubacks: dict[int, int] = {}  # PUBACKs that overtook publish()'s return
+        self._wrap(client)
+
+    # -- installing ----------------------------------------------------------------
+    def _wrap(self, client: mqtt.Client) -> None:
+        def chain(name: str, ours: Callable[..., None]) -> None:
+            theirs = getattr(client, name)
+
+            def callback(*args: Any) -> None:
+                ours(*args)
+                if theirs is not None:
+                    theirs(*args)
+
+            setattr(client, name, callback)
+
+        chain("on_pre_connect", self._on_pre_connect)
+        chain("on_connect", self._on_connect)
+        chain("on_connect_fail", self._on_connect_fail)
+        chain("on_disconnect", self._on_disconnect)
+        chain("on_subscribe", self._on_subscribe)
+        chain("on_publish", self._on_publish)
+        subscribe, publish = client.subscribe, client.publish
+
+        def watched_subscribe(topic: Any, *args: Any, **kwargs: Any) -> tuple[Any, int | None]:
+            result, mid = subscribe(topic, *args, **kwargs)
+            if mid is not None:
+                with self._lock:
+                    self._subscriptions[mid] = _topic_names(topic)
+            return result, mid
+
+        def watched_publish(topic: str, *args: Any, **kwargs: Any) -> mqtt.MQTTMessageInfo:
+            info = publish(topic, *args, **kwargs)
+            qos = kwargs.get("qos", args[1] if len(args) > 1 else 0)
+            if qos:
+                with self._lock:
+                    early = self._early_pubacks.pop(info.mid, None)
+                    if early is None:
+                        self._publishes[info.mid] = topic
+                if early is not None:
+                    self._puback(early, topic)
+            return info
+
+        client.subscribe = watched_subscribe  # type: ignore[method-assign]
+        client.publish = watched_publish  # type: ignore[method-assign]
+
+    # -- paho callbacks (network thread) ----------------------------------------------
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._connack_seen = False
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connack_seen = True
+        if reason_code.is_failure:
+            self.report(diagnose.from_connack(reason_code.value, self.settings))
+            return
+        with self._lock:
+            before, self.problem, self._warned = self.problem, None, None
+        if before is not None and self.fatal is None:
+            self.log.info("connected to the broker at %s", self.settings.address)
+        elif not self._ever_connected and self.log_connect:
+            self.log.info("connected to the broker at %s", self.settings.address)
+        self._ever_connected = True
+        self.connected.set()
+        self._changed.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` block: the exception is current
+        self.report(diagnose.from_exception(sys.exc_info()[1], self.settings))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._connack_seen and reason_code.is_failure:
+            self.report(diagnose.closed_before_connack(self.settings))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            topics = self._subscriptions.pop(mid, [])
+        problem = diagnose.from_suback([rc.value for rc in reason_codes], topics, self.settings)
+        if problem is not None:
+            self.report(problem)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            topic = self._publishes.pop(mid, None)
+            if topic is None and reason_code.is_failure:
+                self._early_pubacks[mid] = reason_code.value
+                return
+        self._puback(reason_code.value, topic)
+
+    def _puback(self, code: int, topic: str | None) -> None:
+        problem = diagnose.from_puback(code, topic, self.settings)
+        if problem is not None:
+            self.report(problem)
+
+    # -- reporting ---------------------------------------------------------------------
+    def report(self, problem: Problem) -> None:
+        """Log a transient problem (rate-limited), or make a permanent one fatal."""
+        with self._lock:
+            if self.fatal is not None:
+                return
+            self.problem = problem
+            if problem.permanent or not self.patient:
+                self.fatal = BrokerError(problem.message)
+                fatal = self.fatal
+            else:
+                fatal = None
+                now = time.monotonic()
+                if (
+                    self._warned is not None
+                    and self._warned[0] == problem.message
+                    and now - self._warned[1] < self.warn_every
+                ):
+                    return
+                self._warned = (problem.message, now)
+        if fatal is None:
+            self.log.warning("%s; still trying", problem.message)
+            return
+        self.log.debug("giving up: %s", problem.message)
+        self._changed.set()
+        if self.on_fatal is not None:
+            self.on_fatal(fatal)
+
+    def raise_if_fatal(self) -> None:
+        if self.fatal is not None:
+            raise self.fatal
+
+    def wait_connected(self, timeout: float | None) -> None:
+        """Return once connected; raise ``fatal`` as soon as there is one, or at
+        ``timeout`` a BrokerError naming the latest problem."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.connected.is_set():
+            self.raise_if_fatal()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                problem = self.problem
+                raise BrokerError(
+                    problem.message
+                    if problem is not None
+                    else f"no answer from the broker at {self.settings.address} within {timeout:g}s"
+                )
+            self._changed.wait(0.1 if left is None else min(0.1, left))
+            self._changed.clear()
+        self.raise_if_fatal()
+
+
+def _topic_names(topic: Any) -> list[str]:
+    """The topic filters of whatever ``Client.subscribe`` accepts."""
+    if isinstance(topic, str):
+        return [topic]
+    if isinstance(topic, tuple):
+        return [topic[0]]
+    return [t[0] if isinstance(t, tuple) else str(t) for t in topic]

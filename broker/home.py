@@ -388,7 +388,7 @@ class BrokerHome:
         """
         check_device_id(device_id)
         if broker:
-            parse_address(broker)
+            self.check_client_address(broker)
         with self._locked():
             if device_id in self.accounts():
                 raise ConfigError(f"device {device_id!r} already exists in {self.path}")
@@ -449,10 +449,32 @@ class BrokerHome:
         """Write mosquitto.conf and fill the broker address into the credentials files."""
         text = render(self.mosquitto_config(port, tls_port, bind))
         write_secret_file(self.conf_path, text, mode=0o644)
-        host = self.hostnames[0] if bind in _WILDCARD_BINDS else bind
+        host = self.client_host(bind)
         host = f"[{host}]" if ":" in host else host
         self._set_broker_address(f"{host}:{tls_port if tls_port is not None else port}")
         return self.conf_path
+
+    def client_host(self, bind: str = "127.0.0.1") -> str:
+        """The host name clients dial: one the server certificate names.
+
+        The listening address itself when the home names it (``--host``),
+        else the first of the home's names: with ``--host broker.lan`` a
+        certificate holds only broker.lan, and a client that dials 127.0.0.1
+        fails TLS verification."""
+        if bind not in _WILDCARD_BINDS and _same_host(bind, self.hostnames):
+            return bind
+        return self.hostnames[0]
+
+    def check_client_address(self, address: str) -> None:
+        """ConfigError if a client dialling ``address`` would fail TLS verification."""
+        host, _port = parse_address(address)
+        if self.tls and not _same_host(host, self.hostnames):
+            names = ", ".join(self.hostnames)
+            raise ConfigError(
+                f"{host} is not a name in the broker's certificate ({names}): a device dialling "
+                f"it would fail TLS verification; use one of those names, or make a broker "
+                f"home whose `fedmq broker init --host` includes {host}"
+            )
 
     def _set_broker_address(self, address: str) -> None:
         """Point every credentials file that follows the home's address at ``address``."""
@@ -525,6 +547,20 @@ class BrokerHome:
         except ProcessLookupError:
             return None
         return pid
+
+
+def _same_host(host: str, names: Iterable[str]) -> bool:
+    """Is ``host`` one of ``names``? (DNS names ignore case; IP addresses compare as such)."""
+    import ipaddress
+
+    def norm(name: str) -> str:
+        name = name.strip("[]").rstrip(".").lower()
+        try:
+            return str(ipaddress.ip_address(name))
+        except ValueError:
+            return name
+
+    return norm(host) in {norm(n) for n in names}
 
 
 def _wait_for_sighup_handler(pid: int, timeout: float) -> bool:

@@ -9,12 +9,13 @@ sleeping, no guessing how long to wait.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 
 import paho.mqtt.client as mqtt
 
-from broker.connection import ConnectionSettings, connect_async, make_client
+from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import BrokerError
 
 
@@ -24,8 +25,13 @@ def read_retained(
     *,
     client_prefix: str = "fedmq-probe",
     timeout: float = 10.0,
+    log: logging.Logger | None = None,
 ) -> dict[str, bytes]:
-    """{topic: payload} of the retained messages on ``topics`` (absent: no retained message)."""
+    """{topic: payload} of the retained messages on ``topics`` (absent: no retained message).
+
+    Connection problems raise BrokerError saying exactly what is wrong (see diagnose.py):
+    at once when permanent or without ``log``; with ``log``, a transient one is logged and
+    retried until ``timeout``."""
     found: dict[str, bytes] = {}
     done = threading.Event()
     failure: list[str] = []
@@ -53,9 +59,17 @@ def read_retained(
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message
+    watch = ConnectionWatch(
+        client,
+        settings,
+        log or logging.getLogger("fedmq.probe"),
+        patient=log is not None,
+        log_connect=False,
+    )
     connect_async(client, settings, persistent=False)
     client.loop_start()
     try:
+        watch.wait_connected(timeout)
         if not done.wait(timeout):
             raise BrokerError(
                 f"no answer from the broker at {settings.address} within {timeout:g}s"

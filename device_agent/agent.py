@@ -22,8 +22,8 @@ import paho.mqtt.client as mqtt
 import torch
 
 from broker import codec, messages, zoo
-from broker.connection import ConnectionSettings, connect_async, make_client
-from broker.errors import CodecError, DataError, FedmqError
+from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
+from broker.errors import BrokerError, CodecError, DataError
 from broker.topics import Topics
 from device_agent.data import DataFile, open_data
 from device_agent.trainer import evaluate, train_local, training_seed
@@ -65,13 +65,20 @@ class Agent:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # says why the broker cannot be reached; credentials, TLS, ACL refusals end the run
+        self._watch = ConnectionWatch(
+            self.client,
+            config.connection,
+            log,
+            on_fatal=lambda exc: self._inbox.put(("__fatal__", str(exc).encode())),
+            log_connect=False,
+        )
+        self._connected_at: float | None = None  # monotonic time of the first connection
+        self._said_connected = False
 
     # -- network thread: route only -------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.warning("broker refused connection: %s", reason_code)
-            if reason_code.value in (134, 135):  # bad user name or password / not authorized
-                self._inbox.put(("__fatal__", str(reason_code).encode()))
+        if reason_code.is_failure:  # the ConnectionWatch says why
             return
         client.subscribe(
             [
@@ -80,12 +87,15 @@ class Agent:
             ]
         )
         self._publish_status("online")
+        if self._connected_at is None:
+            self._connected_at = time.monotonic()
         self._connected.set()
         self.on_event("connected", {})
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        if not self._stop.is_set():
+        if was_connected and not self._stop.is_set():
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
@@ -106,16 +116,41 @@ class Agent:
                 try:
                     topic, payload = self._inbox.get(timeout=0.2)
                 except queue.Empty:
+                    self._say_connected(waiting=True)
                     continue
                 if topic == "__fatal__":
-                    raise FedmqError(f"broker refused the device's credentials: {payload.decode()}")
+                    raise BrokerError(payload.decode())
                 if topic == self.topics.model:
+                    self._say_connected(waiting=False)
                     payload = self._latest_model(payload)
                     if self._handle_model(payload):
                         return 0
         finally:
             self.close()
         return 0
+
+    @property
+    def connection_problem(self) -> str | None:
+        """Why the broker cannot be reached right now, or None."""
+        problem = self._watch.problem
+        return None if problem is None else problem.message
+
+    def _say_connected(self, waiting: bool) -> None:
+        """Once: connected, and (after a second without a retained model) waiting for one."""
+        if self._said_connected or self._connected_at is None:
+            return
+        address = self.config.connection.address
+        if not waiting:
+            log.info("connected to %s", address)
+        elif time.monotonic() - self._connected_at > 1.0:
+            log.info(
+                "connected to %s; waiting for the aggregator's first model on %s",
+                address,
+                self.topics.model,
+            )
+        else:
+            return
+        self._said_connected = True
 
     def stop(self) -> None:
         self._stop.set()

@@ -88,7 +88,11 @@ def agent() -> None:
     "--max-rounds", type=click.IntRange(min=1), help="Exit after training this many rounds."
 )
 @click.option("--threads", type=click.IntRange(min=1), help="Torch threads for training.")
-@click.option("--timeout", type=float, help="Give up after this many seconds (exit code 2).")
+@click.option(
+    "--timeout",
+    type=float,
+    help="Give up after this many seconds, with exit code 2 (errors exit with 1).",
+)
 @fedmq_errors
 def agent_run(
     connection,
@@ -142,8 +146,11 @@ def agent_run(
     )
     _stop_on_sigterm(the_agent.stop)
     code = the_agent.run(timeout=timeout)
-    if code == 2:
-        raise click.ClickException(f"no finished run within {timeout:g}s")
+    if code == 2:  # --timeout: its own exit code, so a script can tell it from an error
+        problem = the_agent.connection_problem
+        reason = f": {problem}" if problem else " without a finished run"
+        click.echo(f"Error: gave up after {timeout:g}s{reason}", err=True)
+        raise click.exceptions.Exit(2)
 
 
 # -- aggregator ------------------------------------------------------------------------

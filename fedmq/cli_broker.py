@@ -62,9 +62,9 @@ def broker() -> None:
     """Run the MQTT broker of a federation: mosquitto with passwords, ACL and TLS.
 
     \b
-    Typical session:
-      fedmq broker init ./fedmq-broker --federation demo
-      fedmq broker up --home ./fedmq-broker          # foreground, Ctrl-C stops it
+    Typical session (devices on the LAN dial broker.lan):
+      fedmq broker init ./fedmq-broker --federation demo --host broker.lan
+      fedmq broker up --home ./fedmq-broker --bind 0.0.0.0   # foreground, Ctrl-C stops it
       fedmq broker add-device pi-kitchen --home ./fedmq-broker
     """
 
@@ -77,7 +77,8 @@ def broker() -> None:
     "hosts",
     multiple=True,
     help="DNS name or IP address devices use to reach the broker; goes into the server "
-    "certificate. Repeat for several. [default: localhost and 127.0.0.1]",
+    "certificate, and the first one into the credentials files. Repeat for several. "
+    "[default: localhost and 127.0.0.1]",
 )
 @click.option("--no-tls", is_flag=True, help="No TLS listener and no certificates (testing only).")
 @click.option(
@@ -150,7 +151,8 @@ def _describe(home: BrokerHome) -> None:
     "--bind",
     default="127.0.0.1",
     show_default=True,
-    help="Address to listen on; 0.0.0.0 for every interface.",
+    help="Address to listen on. The default serves this machine only: for devices on the "
+    "LAN give 0.0.0.0 (every interface) or this machine's LAN address.",
 )
 @_errors
 def up(
@@ -159,6 +161,12 @@ def up(
     """Run mosquitto in the foreground for a broker home until Ctrl-C or SIGTERM.
 
     Without --home, uses ./fedmq-broker and creates it (federation --federation) if missing.
+    Writes the address clients dial (a name in the server certificate, see `init --host`)
+    into the home's credentials files.
+
+    \b
+    Listening on the LAN (devices on other machines):
+      fedmq broker up --home ./fedmq-broker --bind 0.0.0.0
     """
     if home_dir is None and not (DEFAULT_HOME / "home.toml").exists():
         BrokerHome.create(DEFAULT_HOME, federation)
@@ -180,9 +188,15 @@ def up(
     try:
         _describe(home)
         if port:
-            click.echo(f"  mqtt://{bind}:{port}  (plaintext)")
+            click.echo(f"  listening on {_hostport(bind, port)}  (plaintext)")
         if tls_port:
-            click.echo(f"  mqtts://{bind}:{tls_port}  (TLS)")
+            click.echo(f"  listening on {_hostport(bind, tls_port)}  (TLS)")
+        click.echo(f"  clients dial {home.broker_address} (written into the credentials files)")
+        if _loopback(bind) and not all(_loopback(h) for h in home.hostnames):
+            click.echo(
+                f"  note: listening on {bind} serves this machine only; for devices on the "
+                "LAN restart with --bind 0.0.0.0 (or this machine's LAN address)"
+            )
         click.echo(f"  log: {home.log_path}")
         click.echo(f"mosquitto running (pid {running.pid}); Ctrl-C stops it")
         code = running.proc.wait()
@@ -196,14 +210,29 @@ def up(
     click.echo("stopped")
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @broker.command("add-device", short_help="Add a device and write its credentials.")
 @click.argument("device_id")
 @_home_option
 @click.option(
     "--broker",
     "address",
-    help="HOST:PORT the device dials, when it differs from the address `up` wrote "
-    "(for instance the server's LAN name).",
+    help="HOST:PORT the device dials, when it differs from the address `up` wrote; with "
+    "TLS, HOST must be a name in the server certificate (`init --host`).",
 )
 @_errors
 def add_device(device_id: str, home_dir: Path | None, address: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import secrets
 import time
@@ -11,31 +12,37 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from broker import signals
-from broker.connection import ConnectionSettings, connect_async, make_client
+from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import BrokerError, CodecError, FedmqError
 from broker.retained import read_retained
 from broker.topics import Topics
+
+log = logging.getLogger("fedmq.operator")
 
 CONTROL_EXPIRY = 60  # seconds: a command is not delivered to an aggregator that starts later
 
 
 class StateWatcher:
-    """A short-lived client that subscribes to the retained state and queues each version."""
+    """A short-lived client that subscribes to the retained state and queues each version.
+
+    Impatient: any connection problem (nothing listening, TLS, credentials, ACL)
+    ends the wait at once with a BrokerError saying which."""
 
     def __init__(self, settings: ConnectionSettings, federation: str) -> None:
         self.topics = Topics(federation)
-        self.states: queue.Queue[dict] = queue.Queue()
-        self.errors: queue.Queue[str] = queue.Queue()
+        self.states: queue.Queue[dict | BrokerError] = queue.Queue()
         self.subscribed: queue.Queue[bool] = queue.Queue()
         self.client = make_client(settings, f"fedmq-operator-{secrets.token_hex(4)}")
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self.subscribed.put(True)
         self.client.on_message = self._on_message
         self.settings = settings
+        self.watch = ConnectionWatch(
+            self.client, settings, log, on_fatal=self.states.put, patient=False, log_connect=False
+        )
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            self.errors.put(f"broker refused the connection: {reason_code}")
+        if reason_code.is_failure:  # the watch says why
             return
         client.subscribe(self.topics.state, qos=1)
 
@@ -56,15 +63,21 @@ class StateWatcher:
 
     def next_state(self, timeout: float) -> dict:
         try:
-            return self.states.get(timeout=timeout)
+            item = self.states.get(timeout=timeout)
         except queue.Empty:
-            try:
-                raise BrokerError(self.errors.get_nowait())
-            except queue.Empty:
-                raise FedmqError(
-                    f"no aggregator state for federation {self.topics.federation!r} on "
-                    f"{self.settings.address} within {timeout:g}s (is an aggregator running?)"
+            self.watch.raise_if_fatal()
+            if not self.watch.connected.is_set():
+                raise BrokerError(
+                    f"no answer from the broker at {self.settings.address} within {timeout:g}s"
                 ) from None
+            raise FedmqError(
+                f"connected to {self.settings.address}, but no aggregator state on "
+                f"{self.topics.state} within {timeout:g}s (is an aggregator running for "
+                f"federation {self.topics.federation!r}?)"
+            ) from None
+        if isinstance(item, BrokerError):
+            raise item
+        return item
 
 
 def read_presence(
@@ -146,11 +159,14 @@ def send_control(
             qos=1,
             properties=props,
         ).wait_for_publish(timeout)
+        watcher.watch.raise_if_fatal()  # e.g. the ACL does not let this account send control
         deadline = time.monotonic() + timeout
         while state.get("phase") not in expect_phases:
             left = deadline - time.monotonic()
             try:
                 state = watcher.next_state(max(left, 0.01))
+            except BrokerError:
+                raise
             except FedmqError:
                 raise FedmqError(
                     f"the aggregator (pid {presence.pid} on {presence.host}) did not confirm "

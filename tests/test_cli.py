@@ -92,7 +92,7 @@ def test_unreachable_broker_is_one_clear_line(tmp_path, monkeypatch):
         ],
     )
     assert result.exit_code == 1
-    assert "cannot reach the broker at 127.0.0.1:1" in result.output
+    assert "cannot connect to the broker at 127.0.0.1:1: connection refused" in result.output
     assert "Traceback" not in result.output
 
 

@@ -265,7 +265,9 @@ def test_remove_device_deletes_everything(tmp_path: Path) -> None:
 
 
 def test_write_config_fills_broker_address(tmp_path: Path) -> None:
-    home = BrokerHome.create(tmp_path / "home", "demo")
+    home = BrokerHome.create(
+        tmp_path / "home", "demo", hostnames=("localhost", "127.0.0.1", "gateway.lan")
+    )
     early = home.add_device("early")
     pinned = home.add_device("pinned", broker="gateway.lan:8883")
     home.write_config(port=1883, tls_port=8883)

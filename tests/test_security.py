@@ -303,7 +303,7 @@ def test_tls_needs_the_ca(secured: Secured) -> None:
 def test_server_certificate_names_are_checked(tmp_path: Path) -> None:
     s = start_secured(tmp_path, hostnames=("localhost",))  # no 127.0.0.1 in the certificate
     try:
-        outcome = attempt(s.tls("dev-a"))
+        outcome = attempt(dataclasses.replace(s.tls("dev-a"), host="127.0.0.1"))
         assert not outcome.connected and "SSLCertVerificationError" in outcome.detail
         assert attempt(dataclasses.replace(s.tls("dev-a"), host="localhost")).connected
     finally:
