@@ -104,8 +104,8 @@ def read_state(settings: ConnectionSettings, federation: str, timeout: float = 5
     state, presence = read_presence(settings, federation, timeout)
     if state is None:
         raise FedmqError(
-            f"no aggregator state for federation {federation!r} on {settings.address} "
-            "(has an aggregator ever run it?)"
+            f"connected to {settings.address}, but no aggregator state on "
+            f"{Topics(federation).state} (has an aggregator ever run federation {federation!r}?)"
         )
     running = presence is not None and presence.status == "online"
     state["aggregator"] = {
