@@ -717,6 +717,12 @@ def test_empty_tensor_with_large_dims_allocates_nothing(torch_allocations):
     decoded = codec.decode(payload)
     assert decoded.tensors["b"].shape == (0, 10**12)
     assert decoded.tensors["b"].numel() == 0
+    # what torch was asked for: the 8 bytes of ``a`` and zero elements for ``b``
+    assert sorted(torch_allocations) == [0, 8], torch_allocations
+    torch_allocations.clear()
+    peak = _peak_while(lambda: codec.decode(payload))
+    assert peak < 64 * 1024, f"peak {peak} bytes decoding a {len(payload)}-byte payload"
+    assert sorted(torch_allocations) == [0, 8], torch_allocations
 
 
 # -- content digest ----------------------------------------------------------------------------

@@ -6,20 +6,41 @@ aggregator keeps going: the round still completes with the honest device.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
+from aggregator.service import initial_weights
 from broker import codec, messages, signing
 from broker.home import load_credentials
+from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.operator import StateWatcher
-from tests.helpers import current_model, join, publish_as, wait_for, write_blobs
+from tests.helpers import blobs_task, current_model, join, publish_as, wait_for, write_blobs
 
 pytestmark = pytest.mark.mosquitto
+README = Path(__file__).resolve().parent.parent / "README.md"
+MAX_PAYLOAD = 64 * 1024  # the aggregator's limit in the live test: "oversize" stays small
+# updates bound to their federation and run (issue 8, item 3) once messages carry them
+BINDS_RUN = "run_id" in inspect.signature(messages.update_metadata).parameters
+
+
+def readme_refusal_kinds() -> set[str]:
+    """The reasons the README's "Reliability" section says a payload is refused for."""
+    text = README.read_text()
+    section = text[text.index("Payloads refused") :]
+    section = section[: section.index(" kinds.")]
+    declared = int(re.search(r"(\d+)$", section).group(1))
+    listed = re.sub(r"\([^()]*\)", "", section[section.index("):") :])  # no asides
+    kinds = set(re.findall(r"`([a-z_]+)`", listed))
+    assert len(kinds) == declared, f"the README lists {sorted(kinds)} as {declared} kinds"
+    return kinds
 
 
 def signed_update(
@@ -34,15 +55,24 @@ def signed_update(
     metrics=None,
     sign=True,
     sign_as=None,
+    device_id=None,
+    drop=(),
+    run_id=None,
 ) -> bytes:
     tensors = tensors if tensors is not None else {k: v.clone() for k, v in model.tensors.items()}
+    binding = {}
+    if BINDS_RUN:
+        binding = {"federation": model.federation, "run_id": run_id or model.run_id}
     meta = messages.update_metadata(
         round_=model.round if round_ is None else round_,
-        device_id=device,
+        device_id=device_id or device,
         num_samples=num_samples,
         base_hash=model.model_hash if base_hash is None else base_hash,
         metrics=metrics or {"train_loss": 1.0},
+        **binding,
     )
+    for key in drop:
+        del meta[key]
     if sign:
         key = load_credentials(fed.credentials(sign_as or device))["signing_key"]
         meta["signature"] = signing.sign(signing.load_private(key), tensors, meta)
@@ -54,15 +84,17 @@ def raw_header(header: dict, data: bytes = b"", declared: int | None = None) -> 
     return struct.pack("<Q", len(text) if declared is None else declared) + text + data
 
 
-def hostile_payloads(fed, model) -> dict[str, bytes]:
-    """reason -> a payload that must be refused for exactly that reason."""
+def hostile_payloads(fed, model) -> dict[str, tuple[str, bytes]]:
+    """reason -> (account, payload): published by that account on its own update topic,
+    it must be refused for exactly that reason."""
     good = signed_update(fed, "mallory", model)
     name, first = next(iter(model.tensors.items()))
     wrong_shape = {**model.tensors, name: torch.zeros(first.shape[0] + 1, *first.shape[1:])}
     wrong_dtype = {**model.tensors, name: first.to(torch.float64)}
     extra = {**model.tensors, "backdoor": torch.zeros(1)}
+    missing = {k: v for k, v in model.tensors.items() if k != name}
     nan = {**model.tensors, name: torch.full_like(first, math.nan)}
-    return {
+    payloads = {
         "not_safetensors": b'{"weights": [1, 2, 3]}',
         "truncated": good[: len(good) // 2],
         "header_too_large": struct.pack("<Q", 10**12) + b"{}",
@@ -74,33 +106,53 @@ def hostile_payloads(fed, model) -> dict[str, bytes]:
             },
             b"\0" * 12,
         ),
+        "oversize": good + b" " * MAX_PAYLOAD,
         "shape_mismatch": signed_update(fed, "mallory", model, tensors=wrong_shape),
         "dtype_mismatch": signed_update(fed, "mallory", model, tensors=wrong_dtype),
         "unknown_tensor": signed_update(fed, "mallory", model, tensors=extra),
+        "missing_tensor": signed_update(fed, "mallory", model, tensors=missing),
         "non_finite": signed_update(fed, "mallory", model, tensors=nan),
+        "missing_metadata": signed_update(fed, "mallory", model, drop=["num_samples"]),
         "bad_metadata": signed_update(fed, "mallory", model, num_samples=0),
         "future_round": signed_update(fed, "mallory", model, round_=model.round + 5),
         "stale": signed_update(fed, "mallory", model, base_hash="0" * 64),
+        # bob's genuine signature over an update naming bob, sent on mallory's topic
+        "wrong_device": signed_update(fed, "mallory", model, device_id="bob", sign_as="bob"),
         "missing_signature": signed_update(fed, "mallory", model, sign=False),
         "bad_signature": signed_update(fed, "mallory", model, sign_as="bob"),
     }
+    sent = {reason: ("mallory", payload) for reason, payload in payloads.items()}
+    # trudy has a broker account, but the aggregator has no public key for her
+    sent["unknown_device"] = ("trudy", signed_update(fed, "trudy", model))
+    if BINDS_RUN:  # signed by mallory, for this federation but another run of it
+        sent["wrong_run"] = ("mallory", signed_update(fed, "mallory", model, run_id="0" * 32))
+    return sent
+
+
+def test_the_live_test_sends_every_refusal_kind_the_readme_lists(federation, tmp_path):
+    fed = federation(devices=["bob", "mallory", "trudy"])
+    task = TaskSpec.load(blobs_task(tmp_path))
+    model = messages.decode_model(messages.encode_model(initial_weights(task), 1, task)[0])
+    assert set(hostile_payloads(fed, model)) == readme_refusal_kinds()
 
 
 def test_every_hostile_payload_is_refused_counted_and_survived(federation, tmp_path):
-    fed = federation(devices=["bob", "mallory"])
+    fed = federation(devices=["bob", "mallory", "trudy"])
+    (fed.home.device_keys_dir / "trudy.pub").unlink()  # an account, but no key: unknown
     files = write_blobs(tmp_path / "data", ["bob"])
-    agg, agg_thread = fed.start_aggregator(tmp_path, rounds=1, min_devices=1)
+    agg, agg_thread = fed.start_aggregator(
+        tmp_path, rounds=1, min_devices=1, max_payload=MAX_PAYLOAD
+    )
     model = current_model(fed, "mallory")
     payloads = hostile_payloads(fed, model)
-    topic = Topics(fed.name).update("mallory")
     with StateWatcher(fed.settings("fedmq-operator"), fed.name) as watcher:
-        for payload in payloads.values():
-            publish_as(fed, "mallory", topic, payload)
+        for account, payload in payloads.values():
+            publish_as(fed, account, Topics(fed.name).update(account), payload)
         state = watcher.next_state(10)
         while state["totals"].get("rejected_total", 0) < len(payloads):
             state = watcher.next_state(10)
     assert state["totals"]["rejected"] == {reason: 1 for reason in payloads}
-    assert state["phase"] == "collecting"  # still running, nothing accepted from mallory
+    assert state["phase"] == "collecting"  # still running, nothing accepted from them
 
     # the honest device still gets its round through
     fed.in_thread(fed.agent("bob", files["bob"], exit_when_done=True).run, timeout=60)
