@@ -43,7 +43,7 @@ PRESENT = ("online", "training")
 # updates the broker may send before we ack: bounds the payloads held in memory (and a batch)
 RECEIVE_MAXIMUM = 64
 INBOX_BYTES = 256 * 1024 * 1024  # payload bytes waiting in memory, whatever their number
-MAX_RECORDS_PER_DEVICE = 16  # journal lines one device may cause per round; the rest: "flood"
+MAX_RECORDS_PER_DEVICE = 32  # journal lines one device may cause per round; the rest: "flood"
 MAX_TRACKED_DEVICES = 100_000  # device statuses kept; more ids are refused "too_many_devices"
 CONNECT_TIMEOUT = 30.0  # seconds to reach the broker at start-up before giving up
 HEARTBEAT = 10.0  # seconds between re-publications of the presence and state

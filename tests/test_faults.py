@@ -207,7 +207,7 @@ def test_broker_restart_does_not_drop_a_device_that_is_still_training(
     )
     agg_thread = fed.in_thread(agg.run, timeout=60)
     start_agents(fed, files, tmp_path)
-    wait_for(lambda: agg.current and agg.current.folded.count == 2, 60, "the two fast updates")
+    wait_for(lambda: agg.current and agg.current.accepted == 2, 60, "the two fast updates")
     assert agg.status.get("dev3") == "training"
     fed.restart_broker()
     assert join(agg_thread, 60) == 0
