@@ -1,0 +1,94 @@
+"""The round's result is a function of the set of accepted updates, not of their order.
+
+A float sum depends on the order of its terms: 1 + 2**-60 - 1 is 0 one way and 2**-60
+another. The aggregator folds the journal's updates in device-id order at close, so
+every arrival order (and a resume that replays the journal) gives the same model.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from aggregator.fedavg import FoldedSum
+from aggregator.journal import RoundJournal, payload_digest
+from aggregator.service import aggregate_round
+from broker import messages
+
+TEMPLATE = {"w": torch.zeros(3), "b": torch.zeros(1)}
+
+
+def cancelling_updates() -> dict[str, tuple[dict, int]]:
+    """device -> (tensors, num_samples): values whose float sum depends on the order."""
+    tiny = 2.0**-60
+    return {
+        "dev-a": ({"w": torch.tensor([1.0, 3.0e7, 0.1]), "b": torch.tensor([1.0])}, 1),
+        "dev-b": ({"w": torch.tensor([tiny, 1.0, 0.2]), "b": torch.tensor([tiny])}, 1),
+        "dev-c": ({"w": torch.tensor([-1.0, -3.0e7, 0.3]), "b": torch.tensor([-1.0])}, 1),
+        "dev-d": ({"w": torch.tensor([tiny, 2.0**-40, 1e-8]), "b": torch.tensor([3.0])}, 7),
+        "dev-e": ({"w": torch.tensor([0.5, 2.5, -0.7]), "b": torch.tensor([2.0**-30])}, 1_000_003),
+    }
+
+
+def payload(device: str, tensors: dict, num_samples: int) -> bytes:
+    return messages.encode_update(
+        tensors,
+        round_=1,
+        device_id=device,
+        num_samples=num_samples,
+        base_hash="h",
+        metrics={"train_loss": num_samples * 0.1},
+        federation="f",
+        run_id="r",
+    )
+
+
+def aggregate_in_order(tmp_path, order: list[str], updates) -> dict:
+    journal = RoundJournal.open(tmp_path / "-".join(order), 1)
+    for device in order:
+        tensors, n = updates[device]
+        p = payload(device, tensors, n)
+        journal.record_accepted(payload_digest(p), device, p)
+    journal.commit()
+    return aggregate_round(journal, TEMPLATE)
+
+
+def test_twenty_arrival_orders_give_a_bit_identical_model(tmp_path):
+    updates = cancelling_updates()
+    rng = random.Random(0)
+    orders = set()
+    while len(orders) < 20:
+        order = list(updates)
+        rng.shuffle(order)
+        orders.add(tuple(order))
+    results = [aggregate_in_order(tmp_path, list(order), updates) for order in sorted(orders)]
+    first = results[0]
+    for result in results[1:]:
+        for name in TEMPLATE:
+            assert torch.equal(result.weights[name], first.weights[name]), name
+        assert result.metrics == first.metrics
+        assert result.devices == sorted(updates) and result.samples == first.samples
+
+
+def test_the_arrival_order_fold_would_not_be(tmp_path):
+    """The test above can fail: folding in arrival order gives different models."""
+    updates = cancelling_updates()
+    seen = set()
+    for order in (["dev-a", "dev-b", "dev-c"], ["dev-a", "dev-c", "dev-b"]):
+        folded = FoldedSum(TEMPLATE)
+        for device in order:
+            folded.fold(*updates[device])
+        seen.add(tuple(folded.average()["b"].tolist()))
+    assert len(seen) == 2  # 1 + 2**-60 - 1 == 0 but 1 - 1 + 2**-60 == 2**-60
+
+
+def test_a_replayed_journal_gives_the_same_model(tmp_path):
+    """Resume: the journal reopened from disk aggregates to the same model."""
+    updates = cancelling_updates()
+    live = aggregate_in_order(tmp_path, ["dev-e", "dev-b", "dev-a", "dev-d", "dev-c"], updates)
+    reopened = RoundJournal.open(tmp_path / "dev-e-dev-b-dev-a-dev-d-dev-c", 1)
+    replayed = aggregate_round(reopened, TEMPLATE)
+    for name in TEMPLATE:
+        assert torch.equal(live.weights[name], replayed.weights[name])
+    assert [row["device"] for row in replayed.device_rows] == sorted(updates)
