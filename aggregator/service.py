@@ -59,6 +59,8 @@ class AggregatorConfig:
     verify_update: Callable[[str, dict, dict], None] | None = None
     sign_model: Callable[[dict, dict], str] | None = None
     plot: bool = True
+    # architectures registered on this machine beyond the zoo's built-ins (name -> factory)
+    architectures: zoo.Registry | None = None
 
 
 @dataclass
@@ -127,7 +129,7 @@ class Aggregator:
                 rounds=config.rounds or 10,
                 min_devices=config.min_devices or 1,
             )
-            self.weights = initial_weights(config.task)
+            self.weights = initial_weights(config.task, config.architectures)
             self.state = self.run_dir.create(self.spec, self.weights)
         self.task = self.spec.task
         self.schema = codec.schema_of(self.weights)
@@ -478,6 +480,8 @@ class Aggregator:
         self._state_dirty = False
 
 
-def initial_weights(task: TaskSpec) -> dict[str, torch.Tensor]:
-    model = zoo.build_model(task.model, seed=task.seed)
+def initial_weights(
+    task: TaskSpec, architectures: zoo.Registry | None = None
+) -> dict[str, torch.Tensor]:
+    model = zoo.build_model(task.model, seed=task.seed, registry=architectures)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

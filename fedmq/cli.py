@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 
 from fedmq.cli_common import (
+    arch_option,
+    architectures,
     connection_options,
     fedmq_errors,
     setup_logging,
@@ -66,10 +68,10 @@ def agent() -> None:
 @click.option(
     "--data",
     "data_path",
-    required=True,
     type=click.Path(path_type=Path),
     envvar="FEDMQ_DATA",
-    help="Local data: CSV with a header (label column named by the task) or .npz with X and y.",
+    help="Local data: CSV with a header (label column named by the task) or .npz with X and y. "
+    "[env FEDMQ_DATA; default: data in --config]",
 )
 @click.option(
     "--signing-key",
@@ -81,8 +83,17 @@ def agent() -> None:
     "--model-key",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar="FEDMQ_MODEL_KEY",
-    help="The aggregator's Ed25519 public key: refuse models it did not sign.",
+    help="The aggregator's Ed25519 public key: refuse models it did not sign. "
+    "[default from --config]",
 )
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="FEDMQ_INSECURE",
+    help="Run without a model key or signing key: models unverified, updates unsigned. "
+    "[env FEDMQ_INSECURE]",
+)
+@arch_option
 @click.option("--exit-when-done", is_flag=True, help="Exit once the aggregator finishes its run.")
 @click.option(
     "--max-rounds", type=click.IntRange(min=1), help="Exit after training this many rounds."
@@ -96,6 +107,8 @@ def agent_run(
     data_path,
     signing_key,
     model_key,
+    insecure,
+    arch,
     exit_when_done,
     max_rounds,
     threads,
@@ -117,6 +130,16 @@ def agent_run(
     if not device_id:
         raise ConfigError("no device id: pass --device-id ID (or --config FILE)")
     check_name("device id", device_id)
+    data_path = data_path or _config_path(config, "data", connection.config_file)
+    if data_path is None:
+        raise ConfigError(
+            "no data file: pass --data FILE"
+            + (
+                f' or put data = "FILE" in {connection.config_file}'
+                if connection.config_file
+                else " (or --config FILE holding data = ...)"
+            )
+        )
     sign, verify = agent_hooks(
         signing_key or config.get("signing_key"), model_key or config.get("model_key")
     )
@@ -131,6 +154,8 @@ def agent_run(
             sign=sign,
             verify_model=verify,
             threads=threads,
+            architectures=architectures(config, connection.config_file, arch),
+            insecure=insecure,
         )
     )
     log.info(
@@ -144,6 +169,19 @@ def agent_run(
     code = the_agent.run(timeout=timeout)
     if code == 2:
         raise click.ClickException(f"no finished run within {timeout:g}s")
+
+
+def _config_path(config: dict, key: str, config_file: Path | None) -> Path | None:
+    """A path from the config file, relative to the file's directory like its other paths."""
+    from broker.errors import ConfigError
+
+    value = config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{config_file}: {key} must be a file name (a string)")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or config_file is None else config_file.parent / path
 
 
 # -- aggregator ------------------------------------------------------------------------
@@ -215,6 +253,7 @@ def aggregator() -> None:
     envvar="FEDMQ_DEVICE_KEYS",
     help="Directory of <device>.pub keys: refuse unsigned or forged updates.",
 )
+@arch_option
 @fedmq_errors
 def aggregator_start(
     connection,
@@ -229,6 +268,7 @@ def aggregator_start(
     threads,
     signing_key,
     device_keys,
+    arch,
 ) -> None:
     """Run rounds: announce the model, collect updates, average them, checkpoint, repeat.
 
@@ -267,6 +307,7 @@ def aggregator_start(
             stop_after=stop_after,
             sign_model=sign_model,
             verify_update=verify_update,
+            architectures=architectures(config, connection.config_file, arch),
         ),
         on_event=None,
     )
