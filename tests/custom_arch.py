@@ -1,4 +1,4 @@
-"""A model factory outside the zoo, usable once registered locally (``tiny = "tests.custom_arch:tiny"``)."""
+"""A model factory outside the zoo, usable once registered locally by name."""
 
 from __future__ import annotations
 

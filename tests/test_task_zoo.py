@@ -339,9 +339,9 @@ def sentinel_untouched() -> bool:
 )
 def test_an_arch_from_a_task_is_never_imported(arch):
     assert sentinel_untouched()
-    for registry in (None, LOCAL):
+    for local in ({}, {"registry": LOCAL}):
         with pytest.raises(TaskError, match="unknown architecture") as info:
-            build_model(ModelSpec(arch, {}), registry=registry)
+            build_model(ModelSpec(arch, {}), **local)
         assert info.value.reason == "unknown_architecture"
         assert "a task cannot name code to import" in str(info.value)
     assert sentinel_untouched()
