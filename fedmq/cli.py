@@ -280,7 +280,8 @@ def aggregator_start(
     import torch
 
     from aggregator.service import Aggregator, AggregatorConfig
-    from broker.errors import ConfigError
+    from broker import zoo
+    from broker.errors import ConfigError, TaskError
     from broker.task import TaskSpec
     from fedmq.progress import RoundProgress
     from fedmq.signing_hooks import aggregator_hooks
@@ -290,6 +291,15 @@ def aggregator_start(
     if task_file is None and not resume:
         raise ConfigError("a new run needs --task FILE (or --resume to continue one)")
     task = TaskSpec.load(task_file) if task_file else None
+    registered = architectures(config, connection.config_file, arch)
+    if task is not None:
+        try:
+            zoo.resolve(task.model.arch, registered)
+        except TaskError as exc:
+            raise TaskError(
+                f"{task_file}: {exc}; register it with --arch NAME=package.module:function "
+                "or an [architectures] table in --config"
+            ) from None
     sign_model, verify_update = aggregator_hooks(
         signing_key or config.get("signing_key"), device_keys or config.get("device_keys")
     )
@@ -307,7 +317,7 @@ def aggregator_start(
             stop_after=stop_after,
             sign_model=sign_model,
             verify_update=verify_update,
-            architectures=architectures(config, connection.config_file, arch),
+            architectures=registered,
         ),
         on_event=None,
     )

@@ -308,3 +308,25 @@ def test_agent_says_the_federation_finished_after_the_last_round(federation, tmp
     assert [i["round"] for k, i in events if k == "trained"] == [1, 2]
     messages_ = [r.getMessage() for r in caplog.records]
     assert "the federation finished after round 2" in messages_, messages_
+
+
+# -- the aggregator builds only what its own machine registers ------------------------------
+
+
+def test_aggregator_cli_builds_only_registered_architectures(tmp_path, monkeypatch):
+    from aggregator import service
+
+    monkeypatch.setattr(service, "CONNECT_TIMEOUT", 1.0)
+    task = tmp_path / "task.toml"
+    task.write_text('[model]\narch = "tiny"\nin_features = 4\n')
+    args = ["aggregator", "start", "--broker", "127.0.0.1:1", "--federation", "f"]
+    args += ["--task", str(task), "--run-dir", str(tmp_path / "run")]
+    result = CliRunner(env=clean_env()).invoke(main, args)
+    assert result.exit_code == 1
+    assert f"{task}: unknown architecture 'tiny'" in result.output, result.output
+    assert "register it with --arch NAME=package.module:function" in result.output
+    result = CliRunner(env=clean_env()).invoke(
+        main, [*args, "--arch", "tiny=tests.custom_arch:tiny"]
+    )
+    assert result.exit_code == 1
+    assert "cannot reach the broker at 127.0.0.1:1" in result.output, result.output  # built it
