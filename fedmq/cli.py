@@ -119,6 +119,8 @@ def agent_run(
     \b
     Example (credentials from the file `fedmq broker add-device` printed):
       fedmq agent run --config dev1.toml --data sensors.csv
+    or, with data = "sensors.csv" in dev1.toml:
+      fedmq agent run --config dev1.toml
     """
     from broker.errors import ConfigError
     from broker.topics import check_name
