@@ -155,6 +155,7 @@ def offline_args(tmp_path: Path, data: bool = True) -> list[str]:
     return args
 
 
+@pytest.mark.mosquitto
 def test_agent_library_fails_closed_without_keys(federation, tmp_path, caplog):
     fed = federation(devices=["bob"])
     files = write_blobs(tmp_path / "data", ["bob"])
