@@ -72,6 +72,8 @@ class AggregatorConfig:
     plot: bool = True
     inbox_bytes: int = INBOX_BYTES
     final_publish_timeout: float = FINAL_PUBLISH_TIMEOUT
+    # architectures registered on this machine beyond the zoo's built-ins (name -> factory)
+    architectures: zoo.Registry | None = None
 
 
 @dataclass
@@ -179,7 +181,7 @@ class Aggregator:
                 min_devices=config.min_devices or 1,
                 run_id=secrets.token_hex(8),
             )
-            self.weights = initial_weights(config.task)
+            self.weights = initial_weights(config.task, config.architectures)
             self.state = self.run_dir.create(spec, self.weights)
             self.spec = spec
         self._refused.update(self.state.totals.get("refused_messages", {}))
@@ -705,6 +707,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def initial_weights(task: TaskSpec) -> dict[str, torch.Tensor]:
-    model = zoo.build_model(task.model, seed=task.seed)
+def initial_weights(
+    task: TaskSpec, architectures: zoo.Registry | None = None
+) -> dict[str, torch.Tensor]:
+    model = zoo.build_model(task.model, seed=task.seed, registry=architectures)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -2,12 +2,15 @@
 
 It is a TOML file on the aggregator's side and travels as canonical JSON in the
 ``task`` metadata of every ``model`` message, so a device learns everything it
-needs from the retained model alone::
+needs from the retained model alone. Since anyone who can publish a model
+writes this task, ``arch`` is only a name: the device looks it up among the
+built-ins and its own locally registered architectures (see broker/zoo.py) and
+refuses any other, before importing anything::
 
     seed = 0                       # initial weights
 
     [model]
-    arch = "cnn1d"                 # "linear" | "mlp" | "cnn1d" | "package.module:function"
+    arch = "cnn1d"                 # "linear" | "mlp" | "cnn1d" | a locally registered name
     in_channels = 6                # every other key is an argument of the architecture
     num_classes = 7
 
@@ -117,7 +120,7 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
         raise TaskError(f"unknown task section(s): {', '.join(sorted(unknown))}")
     model = raw.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("arch"), str):
-        raise TaskError('[model] needs arch = "linear" | "mlp" | "cnn1d" | "module:function"')
+        raise TaskError('[model] needs arch = "linear" | "mlp" | "cnn1d" | a registered name')
     args = {k: v for k, v in model.items() if k != "arch"}
     try:
         json.dumps(args, allow_nan=False)

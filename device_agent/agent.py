@@ -14,7 +14,7 @@ import platform
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +23,9 @@ import torch
 
 from broker import codec, messages, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
-from broker.errors import BrokerError, CodecError, DataError
+from broker.errors import BrokerError, CodecError, ConfigError, DataError, TaskError
 from broker.topics import Topics
-from device_agent.data import DataFile, open_data
+from device_agent.data import DataFile, open_data, shape_for
 from device_agent.trainer import evaluate, train_local, training_seed
 
 log = logging.getLogger("fedmq.agent")
@@ -43,11 +43,16 @@ class AgentConfig:
     sign: Callable[[dict, dict], str] | None = None  # (tensors, metadata) -> signature
     verify_model: Callable[[dict, dict], None] | None = None  # raises CodecError if unsigned
     threads: int | None = None  # torch threads for training
+    # this device's own architectures beyond the zoo's built-ins: name -> factory (or
+    # "package.module:function"); a model's task can only name one, never bring code
+    architectures: Mapping[str, Callable | str] | None = None
+    insecure: bool = False  # allow running without sign / verify_model (logs a warning)
 
 
 class Agent:
     def __init__(self, config: AgentConfig, on_event: Callable[[str, dict], None] | None = None):
         self.config = config
+        _check_keys(config)
         self.topics = Topics(config.federation)
         self.data: DataFile = open_data(config.data_path)  # fail before connecting
         self.on_event = on_event or (lambda kind, info: None)
@@ -196,10 +201,23 @@ class Agent:
             log.error("refused a global model (%s): %s", exc.reason, exc)
             self.on_event("model_refused", {"reason": exc.reason})
             return False
-        if model_msg.final:
-            self.on_event("done", {"round": model_msg.round})
-            log.info("the federation finished at round %d", model_msg.round)
+        if model_msg.final:  # the final model's round is one past the last one trained
+            self.on_event("done", {"round": model_msg.round - 1})
+            log.info("the federation finished after round %d", model_msg.round - 1)
             return self.config.exit_when_done
+        arch = model_msg.task.model.arch
+        try:  # a name lookup only: nothing named by the wire is ever imported
+            zoo.resolve(arch, self.config.architectures)
+        except TaskError as exc:
+            log.error(
+                "model names architecture %r which this device does not have: register it in "
+                "the [architectures] table of the agent's config file or with "
+                "--arch NAME=package.module:function (%s)",
+                arch,
+                exc,
+            )
+            self.on_event("model_refused", {"reason": exc.reason, "arch": arch})
+            return False
         if self._last_update is not None and self._last_update[0] == model_msg.model_hash:
             # The same round again: after a reconnect, a broker restart or a retried round.
             # Send the same bytes once more; the aggregator counts a payload only once.
@@ -214,7 +232,10 @@ class Agent:
 
     def _model_for(self, msg: messages.ModelMessage) -> torch.nn.Module:
         if self._model_cache is None or self._model_cache[0] != msg.task_json:
-            self._model_cache = (msg.task_json, zoo.build_model(msg.task.model))
+            self._model_cache = (
+                msg.task_json,
+                zoo.build_model(msg.task.model, registry=self.config.architectures),
+            )
         model = self._model_cache[1]
         model.load_state_dict(msg.tensors, strict=True)
         return model
@@ -226,9 +247,10 @@ class Agent:
         data = self.data.dataset(msg.task.data.label)
         model = self._model_for(msg)
         source = str(data.path)
-        before = evaluate(model, data.X, data.y, msg.task.train, source)  # federated evaluation
+        X = shape_for(data.X, msg.task.model, source)  # flat CSV rows -> cnn1d windows
+        before = evaluate(model, X, data.y, msg.task.train, source)  # federated evaluation
         seed = training_seed(msg.task.seed, msg.round, cfg.device_id)
-        result = train_local(model, data.X, data.y, msg.task.train, seed, source)
+        result = train_local(model, X, data.y, msg.task.train, seed, source)
         metrics = {
             "train_loss": result.train_loss,
             "eval_loss": before["loss"],
@@ -278,6 +300,35 @@ class Agent:
             self._status_payload(status, round_),
             qos=1,
             retain=True,
+        )
+
+
+def _check_keys(config: AgentConfig) -> None:
+    """Fail closed: no model key or no signing key only with an explicit ``insecure``."""
+    missing = [
+        what
+        for what, hook in (
+            ("model key (models would not be verified)", config.verify_model),
+            ("signing key (updates would not be signed)", config.sign),
+        )
+        if hook is None
+    ]
+    if not missing:
+        return
+    if not config.insecure:
+        raise ConfigError(
+            f"device {config.device_id}: no {' and no '.join(missing)}; give --model-key and "
+            "--signing-key (or --config FILE with both), or --insecure to run without them"
+        )
+    if config.verify_model is None:
+        log.warning(
+            "insecure: models are not verified (no model key): "
+            "whoever can publish one steers this device"
+        )
+    if config.sign is None:
+        log.warning(
+            "insecure: updates are not signed (no signing key): "
+            "an aggregator that checks signatures refuses them"
         )
 
 

@@ -5,6 +5,9 @@
 - ``.npz``: arrays ``X`` (samples first, any further shape, e.g. sensor windows
   shaped channels x time) and ``y``; loaded with ``allow_pickle=False``.
 
+A ``cnn1d`` task takes windows shaped (in_channels, time): ``shape_for`` turns
+flat rows (a CSV's) of in_channels x time values, channel after channel, into them.
+
 Every problem is a ``DataError`` whose message names the file and the problem.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from broker.errors import DataError
+from broker.task import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,38 @@ def open_data(path: str | Path) -> DataFile:
         columns, values = _read_csv(path)
         return DataFile(path, columns, values)
     raise DataError(f"{path}: unsupported data file type {suffix!r} (use .csv or .npz)")
+
+
+def shape_for(X: np.ndarray, spec: ModelSpec, source: str | Path) -> np.ndarray:
+    """``X`` as the task's architecture takes it; DataError naming ``source`` if it cannot.
+
+    Only ``cnn1d`` needs more than rows: flat rows of in_channels x time values
+    (all of channel 0's time steps, then channel 1's, ...: ``X.reshape(n, -1)``
+    of windows) become (in_channels, time) windows.
+    """
+    if spec.arch != "cnn1d":
+        return X
+    channels, blocks = spec.args.get("in_channels"), spec.args.get("channels", [16, 32])
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        return X  # the zoo reports the bad argument
+    if X.ndim == 2:
+        if X.shape[1] % channels:
+            raise DataError(
+                f"{source}: cnn1d expects rows of in_channels x time = {channels} x T values "
+                f"(channel after channel); got {X.shape[1]} feature columns"
+            )
+        X = X.reshape(X.shape[0], channels, X.shape[1] // channels)
+    elif X.ndim != 3 or X.shape[1] != channels:
+        raise DataError(
+            f"{source}: cnn1d expects samples shaped (in_channels, time) = ({channels}, T); "
+            f"got {tuple(X.shape[1:])}"
+        )
+    if isinstance(blocks, list) and X.shape[2] < 2 ** len(blocks):
+        raise DataError(
+            f"{source}: cnn1d with {len(blocks)} pooling blocks needs time >= "
+            f"{2 ** len(blocks)} steps per window; got {X.shape[2]}"
+        )
+    return X
 
 
 def load_dataset(path: str | Path, label: str = "label") -> Dataset:

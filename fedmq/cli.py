@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 
 from fedmq.cli_common import (
+    arch_option,
+    architectures,
     connection_options,
     fedmq_errors,
     setup_logging,
@@ -66,10 +68,10 @@ def agent() -> None:
 @click.option(
     "--data",
     "data_path",
-    required=True,
     type=click.Path(path_type=Path),
     envvar="FEDMQ_DATA",
-    help="Local data: CSV with a header (label column named by the task) or .npz with X and y.",
+    help="Local data: CSV with a header (label column named by the task) or .npz with X and y. "
+    "[env FEDMQ_DATA; default: data in --config]",
 )
 @click.option(
     "--signing-key",
@@ -81,8 +83,17 @@ def agent() -> None:
     "--model-key",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar="FEDMQ_MODEL_KEY",
-    help="The aggregator's Ed25519 public key: refuse models it did not sign.",
+    help="The aggregator's Ed25519 public key: refuse models it did not sign. "
+    "[default from --config]",
 )
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="FEDMQ_INSECURE",
+    help="Run without a model key or signing key: models unverified, updates unsigned. "
+    "[env FEDMQ_INSECURE]",
+)
+@arch_option
 @click.option("--exit-when-done", is_flag=True, help="Exit once the aggregator finishes its run.")
 @click.option(
     "--max-rounds", type=click.IntRange(min=1), help="Exit after training this many rounds."
@@ -100,6 +111,8 @@ def agent_run(
     data_path,
     signing_key,
     model_key,
+    insecure,
+    arch,
     exit_when_done,
     max_rounds,
     threads,
@@ -110,6 +123,8 @@ def agent_run(
     \b
     Example (credentials from the file `fedmq broker add-device` printed):
       fedmq agent run --config dev1.toml --data sensors.csv
+    or, with data = "sensors.csv" in dev1.toml:
+      fedmq agent run --config dev1.toml
     """
     from broker.errors import ConfigError
     from broker.topics import check_name
@@ -121,6 +136,16 @@ def agent_run(
     if not device_id:
         raise ConfigError("no device id: pass --device-id ID (or --config FILE)")
     check_name("device id", device_id)
+    data_path = data_path or _config_path(config, "data", connection.config_file)
+    if data_path is None:
+        raise ConfigError(
+            "no data file: pass --data FILE"
+            + (
+                f' or put data = "FILE" in {connection.config_file}'
+                if connection.config_file
+                else " (or --config FILE holding data = ...)"
+            )
+        )
     sign, verify = agent_hooks(
         signing_key or config.get("signing_key"), model_key or config.get("model_key")
     )
@@ -135,6 +160,8 @@ def agent_run(
             sign=sign,
             verify_model=verify,
             threads=threads,
+            architectures=architectures(config, connection.config_file, arch),
+            insecure=insecure,
         )
     )
     log.info(
@@ -151,6 +178,19 @@ def agent_run(
         reason = f": {problem}" if problem else " without a finished run"
         click.echo(f"Error: gave up after {timeout:g}s{reason}", err=True)
         raise click.exceptions.Exit(2)
+
+
+def _config_path(config: dict, key: str, config_file: Path | None) -> Path | None:
+    """A path from the config file, relative to the file's directory like its other paths."""
+    from broker.errors import ConfigError
+
+    value = config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{config_file}: {key} must be a file name (a string)")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or config_file is None else config_file.parent / path
 
 
 # -- aggregator ------------------------------------------------------------------------
@@ -229,6 +269,7 @@ def aggregator() -> None:
     help="Run without signatures: unsigned models, updates accepted unchecked (logged loudly). "
     "Without it, a missing key stops the aggregator.",
 )
+@arch_option
 @fedmq_errors
 def aggregator_start(
     connection,
@@ -244,6 +285,7 @@ def aggregator_start(
     signing_key,
     device_keys,
     insecure,
+    arch,
 ) -> None:
     """Run rounds: announce the model, collect updates, average them, checkpoint, repeat.
 
@@ -255,7 +297,8 @@ def aggregator_start(
     import torch
 
     from aggregator.service import Aggregator, AggregatorConfig
-    from broker.errors import ConfigError
+    from broker import zoo
+    from broker.errors import ConfigError, TaskError
     from broker.task import TaskSpec
     from fedmq.progress import RoundProgress
     from fedmq.signing_hooks import aggregator_hooks
@@ -265,6 +308,15 @@ def aggregator_start(
     if task_file is None and not resume:
         raise ConfigError("a new run needs --task FILE (or --resume to continue one)")
     task = TaskSpec.load(task_file) if task_file else None
+    registered = architectures(config, connection.config_file, arch)
+    if task is not None:
+        try:
+            zoo.resolve(task.model.arch, registered)
+        except TaskError as exc:
+            raise TaskError(
+                f"{task_file}: {exc}; register it with --arch NAME=package.module:function "
+                "or an [architectures] table in --config"
+            ) from None
     sign_model, verify_update = aggregator_hooks(
         signing_key or config.get("signing_key"), device_keys or config.get("device_keys")
     )
@@ -283,6 +335,7 @@ def aggregator_start(
             sign_model=sign_model,
             verify_update=verify_update,
             insecure=insecure,
+            architectures=registered,
         ),
         on_event=None,
     )

@@ -139,6 +139,30 @@ def read_config(config_file: Path | None) -> dict[str, Any]:
     return load_credentials(config_file)
 
 
+def arch_option(func: Callable) -> Callable:
+    """--arch NAME=package.module:function (repeatable): a locally registered architecture."""
+    return click.option(
+        "--arch",
+        "arch",
+        multiple=True,
+        metavar="NAME=MODULE:FUNCTION",
+        envvar="FEDMQ_ARCHITECTURES",
+        help="Register an architecture beyond linear/mlp/cnn1d under NAME (repeatable; also the "
+        "[architectures] table of --config). A task can only name one. "
+        "[env FEDMQ_ARCHITECTURES, space-separated]",
+    )(func)
+
+
+def architectures(config: dict[str, Any], config_file: Path | None, arch: tuple[str, ...]):
+    """This machine's registered architectures: the config file's table, then --arch; imported
+    now (local configuration only), so a typo fails at start rather than at the first round."""
+    from broker import zoo
+
+    entries = zoo.parse_registry(config.get("architectures"), f"{config_file}: [architectures]")
+    entries.update(zoo.parse_arch_options(arch))
+    return zoo.load_registry(entries, "registered architectures")
+
+
 def fedmq_errors(func: Callable) -> Callable:
     """Anticipated errors become one line on stderr and exit code 1; Ctrl-C exits 130."""
     from broker.errors import FedmqError

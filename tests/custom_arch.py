@@ -1,4 +1,4 @@
-"""A model factory outside the zoo, for the ``module:function`` architecture form."""
+"""A model factory outside the zoo, usable once registered locally by name."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from broker.errors import DataError
-from broker.task import TrainSpec
-from device_agent.data import load_dataset, open_data
+from broker.task import ModelSpec, TrainSpec
+from device_agent.data import load_dataset, open_data, shape_for
 from device_agent.trainer import tensors_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,6 +267,52 @@ def test_tensors_for_happy_paths(tmp_path):
     assert reg.dtype == torch.float32 and reg.shape == (3, 1)
 
 
+# -- cnn1d takes windows: flat rows are reshaped, or refused in one line ------------------------
+
+
+def test_flat_rows_become_cnn1d_windows_channel_after_channel(tmp_path):
+    windows = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)
+    header = ",".join(f"c{c}_t{t}" for c in range(3) for t in range(8))
+    rows = [",".join(str(v) for v in w.reshape(-1)) + ",1" for w in windows]
+    path = write(tmp_path / "w.csv", "\n".join([header + ",label", *rows]) + "\n")
+    data = load_dataset(path)
+    shaped = shape_for(data.X, ModelSpec("cnn1d", {"in_channels": 3, "num_classes": 2}), path)
+    assert shaped.shape == (2, 3, 8) and np.array_equal(shaped, windows)
+    assert shape_for(windows, ModelSpec("cnn1d", {"in_channels": 3}), path) is windows
+    assert shape_for(data.X, ModelSpec("mlp", {"in_features": 24}), path) is data.X
+
+
+@pytest.mark.parametrize(
+    ("X_shape", "args", "expected"),
+    [
+        (
+            (4, 5),
+            {"in_channels": 6, "num_classes": 7},
+            r"cnn1d expects rows of in_channels x time = 6 x T values .*got 5 feature columns",
+        ),
+        (
+            (4, 5, 32),
+            {"in_channels": 6, "num_classes": 7},
+            r"cnn1d expects samples shaped \(in_channels, time\) = \(6, T\); got \(5, 32\)",
+        ),
+        (
+            (4, 6),
+            {"in_channels": 6, "num_classes": 7},
+            "cnn1d with 2 pooling blocks needs time >= 4 steps per window; got 1",
+        ),
+        (
+            (4, 6, 7),
+            {"in_channels": 6, "num_classes": 7, "channels": [4, 4, 4]},
+            "cnn1d with 3 pooling blocks needs time >= 8 steps per window; got 7",
+        ),
+    ],
+)
+def test_data_that_cannot_be_cnn1d_windows_is_one_clear_line(tmp_path, X_shape, args, expected):
+    path = tmp_path / "data.csv"
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: {expected}"):
+        shape_for(np.zeros(X_shape, dtype=np.float32), ModelSpec("cnn1d", args), path)
+
+
 # -- the CLI turns it into one clear line -------------------------------------------------
 
 
@@ -296,6 +342,7 @@ def test_agent_cli_reports_a_bad_data_file_without_traceback(tmp_path, problem):
             "d",
             "--data",
             str(data),
+            "--insecure",
         ],
     )
     assert result.exit_code != 0

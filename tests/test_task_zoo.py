@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -10,12 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from broker import codec
-from broker.errors import TaskError
+from broker import codec, zoo
+from broker.errors import ConfigError, TaskError
 from broker.task import DataSpec, ModelSpec, TaskSpec, TrainSpec, from_dict
 from broker.zoo import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
+LOCAL = {  # what a machine's own configuration registers (tests/custom_arch.py)
+    "tiny": "tests.custom_arch:tiny",
+    "gone": "no_such_module_xyz:build",
+    "missing": "tests.custom_arch:missing",
+    "constant": "tests.custom_arch:NOT_CALLABLE",
+    "not_a_module": "tests.custom_arch:not_a_module",
+}
 
 FULL = """
 seed = 7
@@ -246,12 +255,12 @@ def test_from_json_with_non_object_args():
             (2, 3, 10),
             (2, 2),
         ),
-        ("tests.custom_arch:tiny", {"in_features": 5, "out_features": 2}, (3, 5), (3, 2)),
-        ("tests.custom_arch:tiny", {}, (3, 2), (3, 1)),
+        ("tiny", {"in_features": 5, "out_features": 2}, (3, 5), (3, 2)),
+        ("tiny", {}, (3, 2), (3, 1)),
     ],
 )
 def test_build_model_output_shapes(arch, args, input_shape, output_shape):
-    model = build_model(ModelSpec(arch, args), seed=0)
+    model = build_model(ModelSpec(arch, args), seed=0, registry=LOCAL)
     assert isinstance(model, nn.Module)
     model.eval()
     with torch.no_grad():
@@ -287,10 +296,12 @@ def test_task_to_model_end_to_end(tmp_path):
     ("arch", "args", "pattern"),
     [
         ("resnet50", {}, "unknown architecture 'resnet50'"),
-        ("no_such_module_xyz:build", {}, "cannot import 'no_such_module_xyz'"),
-        ("tests.custom_arch:missing", {}, "has no callable 'missing'"),
-        ("tests.custom_arch:NOT_CALLABLE", {}, "has no callable 'NOT_CALLABLE'"),
-        ("tests.custom_arch:not_a_module", {}, "returned int, not a torch.nn.Module"),
+        ("no_such_module_xyz:build", {}, "unknown architecture 'no_such_module_xyz:build'"),
+        ("tests.custom_arch:tiny", {}, "unknown architecture 'tests.custom_arch:tiny'"),
+        ("gone", {}, "architecture 'gone': cannot import 'no_such_module_xyz'"),
+        ("missing", {}, "has no callable 'missing'"),
+        ("constant", {}, "has no callable 'NOT_CALLABLE'"),
+        ("not_a_module", {}, "returned int, not a torch.nn.Module"),
         ("linear", {"in_feature": 3}, "bad arguments for model 'linear'"),
         ("linear", {}, "bad arguments for model 'linear'"),
         ("linear", {"in_features": "3"}, "bad arguments for model 'linear'"),
@@ -300,14 +311,87 @@ def test_task_to_model_end_to_end(tmp_path):
             {"in_features": 2, "out_features": 2, "hidden": 5},
             "bad arguments for model 'mlp'",
         ),
-        ("tests.custom_arch:tiny", {"depth": 3}, "bad arguments"),
+        ("tiny", {"depth": 3}, "bad arguments"),
     ],
 )
 def test_build_model_refusals(arch, args, pattern):
     with pytest.raises(TaskError, match=pattern):
-        build_model(ModelSpec(arch, args))
+        build_model(ModelSpec(arch, args), registry=LOCAL)
 
 
 def test_task_spec_from_dict_is_the_same_validation():
     with pytest.raises(TaskError, match="lr must be > 0"):
         from_dict({"model": {"arch": "linear"}, "train": {"lr": -1}})
+
+
+# -- architectures: a lookup, never an import ------------------------------------------------
+
+SENTINEL = "tests.arch_sentinel"
+
+
+def sentinel_untouched() -> bool:
+    return SENTINEL not in sys.modules and "FEDMQ_TEST_ARCH_SENTINEL" not in os.environ
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [f"{SENTINEL}:build", SENTINEL, "os:system", "subprocess:run", "tiny:", "../tiny", ""],
+)
+def test_an_arch_from_a_task_is_never_imported(arch):
+    assert sentinel_untouched()
+    for local in ({}, {"registry": LOCAL}):
+        with pytest.raises(TaskError, match="unknown architecture") as info:
+            build_model(ModelSpec(arch, {}), **local)
+        assert info.value.reason == "unknown_architecture"
+        assert "a task cannot name code to import" in str(info.value)
+    assert sentinel_untouched()
+
+
+def test_the_refusal_lists_what_this_machine_has():
+    with pytest.raises(TaskError, match="built in are cnn1d, linear, mlp, none registered"):
+        zoo.resolve("resnet")
+    with pytest.raises(TaskError, match="registered here extra, tiny"):
+        zoo.resolve("resnet", {"tiny": "tests.custom_arch:tiny", "extra": "x.y:z"})
+
+
+def test_a_registered_name_resolves_to_its_local_target():
+    from tests import custom_arch
+
+    assert zoo.resolve("tiny", {"tiny": "tests.custom_arch:tiny"}) is custom_arch.tiny
+    assert zoo.resolve("tiny", {"tiny": custom_arch.tiny}) is custom_arch.tiny
+    assert zoo.resolve("mlp", {"tiny": custom_arch.tiny}) is zoo.mlp
+
+
+def test_registries_from_config_and_flags():
+    table = {"tiny": "tests.custom_arch:tiny", "net.v2": "a.b_c:make"}
+    assert zoo.parse_registry(table, "dev.toml") == table
+    assert zoo.parse_registry(None, "dev.toml") == {}
+    assert zoo.parse_arch_options(["tiny = tests.custom_arch:tiny"]) == {
+        "tiny": "tests.custom_arch:tiny"
+    }
+    loaded = zoo.load_registry({"tiny": "tests.custom_arch:tiny"}, "test")
+    assert loaded["tiny"](in_features=3)(torch.zeros(2, 3)).shape == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("entries", "pattern"),
+    [
+        ("tests.custom_arch:tiny", "must be a table"),
+        ({"a:b": "tests.custom_arch:tiny"}, r"name 'a:b' must be letters.*no ':'"),
+        ({"": "tests.custom_arch:tiny"}, "name '' must be"),
+        ({"mlp": "tests.custom_arch:tiny"}, "'mlp' is a built-in architecture"),
+        ({"tiny": "tests.custom_arch"}, 'must be "package.module:function"'),
+        ({"tiny": "tests/custom_arch.py:tiny"}, 'must be "package.module:function"'),
+        ({"tiny": 3}, 'must be "package.module:function", got 3'),
+    ],
+)
+def test_bad_registrations_name_their_source(entries, pattern):
+    with pytest.raises(ConfigError, match=f"dev.toml: .*{pattern}"):
+        zoo.parse_registry(entries, "dev.toml: [architectures]")
+
+
+def test_bad_arch_flags():
+    with pytest.raises(ConfigError, match="--arch 'tiny': use NAME=package.module:function"):
+        zoo.parse_arch_options(["tiny"])
+    with pytest.raises(ConfigError, match="architecture 'gone': cannot import 'nope_xyz'"):
+        zoo.load_registry(zoo.parse_arch_options(["gone=nope_xyz:f"]), "registered")
