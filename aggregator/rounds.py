@@ -13,6 +13,13 @@ class Verdict:
     outcome: str  # accepted | rejected | duplicate | late
     reason: str = ""
 
+    @property
+    def reports(self) -> bool:
+        """Whether a signature-checked update with this verdict is its device's report for
+        the open round (so the round stops waiting for it): one meant for this round and
+        this run, even if useless (stale); never a late, future or other-run one."""
+        return self.outcome in (ACCEPTED, DUPLICATE) or self.reason == "stale"
+
 
 def admit(
     *,

@@ -142,7 +142,8 @@ class Aggregator:
         self._inbox = Inbox(RECEIVE_MAXIMUM, config.inbox_bytes)
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._fatal: str | None = None  # set by the network thread: leave with this message
+        self._watch: ConnectionWatch | None = None  # made by run(): says why the link failed
+        self._superseded: str | None = None  # an older aggregator of this federation runs
         self.status: dict[str, str] = {}
         self.phase = "starting"
         self._last_state_pub = 0.0
@@ -221,6 +222,7 @@ class Aggregator:
                 (self.topics.updates_filter, mqtt.SubscribeOptions(qos=1)),
                 (self.topics.status_filter, mqtt.SubscribeOptions(qos=1)),
                 (self.topics.control, mqtt.SubscribeOptions(qos=1)),
+                (self.topics.aggregator, mqtt.SubscribeOptions(qos=1)),
             ]
         )
         self._publish_presence()
@@ -231,15 +233,6 @@ class Aggregator:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if getattr(reason_code, "value", None) == 142:  # session taken over
-            self._fatal = (
-                f"another aggregator connected to {self.config.connection.address} with "
-                f"federation {self.config.federation!r}'s aggregator session and took it over; "
-                "this one stops (resume it with --resume once the other is stopped)"
-            )
-            self._stop.set()
-            client.disconnect()  # no reconnecting: two aggregators would knock each other off
-            return
         if was_connected and not self._stop.is_set():
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
@@ -261,7 +254,7 @@ class Aggregator:
         self.run_dir.lock()
         try:
             self._refuse_if_another_is_running()
-            watch = ConnectionWatch(
+            self._watch = watch = ConnectionWatch(
                 self.client, self.config.connection, log, on_fatal=lambda exc: self.stop()
             )
             connect_async(
@@ -286,7 +279,13 @@ class Aggregator:
         if self.config.plot and self.phase != "done":
             self._plot()  # stopped, interrupted or failed: the plot of what was done
         if self.phase not in ("done", "stopped"):
-            self.phase = "stopped" if self._fatal is None else "failed"
+            failed = self._watch.fatal is not None or self._superseded is not None
+            self.phase = "failed" if failed else "stopped"
+        if self._superseded is not None:  # the state and presence topics are the other's
+            self._stop.set()
+            self.client.disconnect()
+            self.client.loop_stop()
+            return
         self._publish_state(force=True)
         if self._connected.is_set():
             self._publish(self.topics.aggregator, self.presence.encode(status="offline"), 5)
@@ -322,8 +321,9 @@ class Aggregator:
         current = self._open_round(self.state.completed_round + 1)
         while True:
             self.current = current
-            if self._fatal is not None:
-                raise FedmqError(self._fatal)
+            self._watch.raise_if_fatal()
+            if self._superseded is not None:
+                raise FedmqError(self._superseded)
             if current is None:
                 return 0
             if self._stop.is_set():
@@ -394,6 +394,8 @@ class Aggregator:
                 self._handle_status(item)
             elif kind == "control":
                 self._handle_control(item)
+            elif kind == "aggregator":
+                self._handle_presence(item)
         except OSError:
             raise  # the disk: nothing we can account for, and acking now would lose it
         except Exception as exc:  # a bug a hostile message found: count it, keep going
@@ -425,6 +427,27 @@ class Aggregator:
             if status == "offline" and previous in PRESENT:
                 log.info("device %s went offline", device_id)
             self.on_event("device", {"device": device_id, "status": status})
+
+    def _handle_presence(self, item: Inbound) -> None:
+        """Another aggregator of this federation got past the start-up check (both started at
+        once, say): they would take the session from each other for ever. The younger stops;
+        the older says so and re-asserts its presence."""
+        try:
+            other = signals.parse_presence(item.payload)
+        except CodecError:
+            return  # only aggregators may write this topic; nothing to count
+        if other is None or other.status != "online" or other.instance == self.instance:
+            return
+        where = f"pid {other.pid} on {other.host}"
+        if signals.yields_to(self.presence, other):
+            self._superseded = (
+                f"another aggregator of federation {self.config.federation!r} ({where}) "
+                "started earlier and runs; this one stops"
+            )
+            self._stop.set()
+        else:
+            log.warning("a second aggregator (%s) connected; it should stop", where)
+            self._publish_presence()
 
     def _handle_control(self, item: Inbound) -> None:
         try:
@@ -469,7 +492,7 @@ class Aggregator:
                 )
             self._count_refused("updates", "flood")
             return
-        reports = False
+        checked = False  # decoded and signature-checked
         try:
             update = messages.decode_update(
                 item.payload,
@@ -491,9 +514,7 @@ class Aggregator:
             if verdict.reason != "wrong_device" and self.config.verify_update is not None:
                 # before any accounting: an unsigned or forged copy is nobody's report
                 self.config.verify_update(update.device_id, update.tensors, update.metadata)
-            reports = verdict.reason not in ("wrong_device", "wrong_run", "future_round") and (
-                verdict.outcome != rounds.LATE
-            )
+            checked = True
         except CodecError as exc:
             verdict = rounds.Verdict(rounds.REJECTED, exc.reason)
             detail = f" ({exc})"
@@ -503,7 +524,11 @@ class Aggregator:
             current.journal.record_accepted(digest, topic_device, item.payload)
         else:
             current.journal.record(
-                digest, topic_device, verdict.outcome, verdict.reason, reports=reports
+                digest,
+                topic_device,
+                verdict.outcome,
+                verdict.reason,
+                reports=checked and verdict.reports,
             )
             level = logging.WARNING if verdict.outcome == rounds.REJECTED else logging.INFO
             log.log(
@@ -606,7 +631,7 @@ class Aggregator:
         """Publish retained and wait for the broker's ack, across reconnects; never raises."""
         deadline = time.monotonic() + timeout
         warned = False
-        while time.monotonic() < deadline and self._fatal is None:
+        while time.monotonic() < deadline and self._watch.fatal is None:
             if not self._connected.wait(timeout=1.0):
                 if not warned:
                     log.warning("broker unreachable; waiting to publish %s", topic)
@@ -671,7 +696,7 @@ class Aggregator:
             },
             "round_progress": {
                 "accepted": self.current.accepted if self.current is not None else 0,
-                "reported": sorted(self.current.journal.reporters()) if self.current else [],
+                "reported": len(self.current.journal.reporters()) if self.current else 0,
             },
             "totals": totals,
             "last_metrics": self._last_metrics,

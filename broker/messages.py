@@ -138,27 +138,9 @@ def decode_model(payload: bytes, **limits) -> ModelMessage:
     )
 
 
-def encode_update(
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    round_: int,
-    device_id: str,
-    num_samples: int,
-    base_hash: str,
-    metrics: Mapping[str, float],
-    federation: str = "",
-    run_id: str = "",
-) -> bytes:
-    meta = update_metadata(
-        round_=round_,
-        device_id=device_id,
-        num_samples=num_samples,
-        base_hash=base_hash,
-        metrics=metrics,
-        federation=federation,
-        run_id=run_id,
-    )
-    return encode(tensors, meta)
+def encode_update(tensors: Mapping[str, torch.Tensor], **fields) -> bytes:
+    """An update payload, unsigned; ``fields`` are ``update_metadata``'s."""
+    return encode(tensors, update_metadata(**fields))
 
 
 def update_metadata(

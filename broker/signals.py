@@ -204,3 +204,11 @@ def running_elsewhere(
     if age <= PRESENCE_STALE * heartbeat:
         return f"{where}, last heartbeat {age:.0f}s ago"
     return ""
+
+
+def yields_to(mine: Presence, other: Presence | None) -> bool:
+    """Two aggregators of one federation got past the start-up check (a race): the one
+    that started later stops, so they do not take the session from each other for ever."""
+    if other is None or other.status != "online" or other.instance == mine.instance:
+        return False
+    return (other.since, other.instance) < (mine.since, mine.instance)

@@ -274,3 +274,30 @@ def test_plot_on_stop_and_offline_devices_are_logged(federation, tmp_path, caplo
     assert join(thread, 60) == 0
     assert agg.phase == "stopped" and agg.run_dir.plot_png.stat().st_size > 0
     assert "device bob went offline" in caplog.text
+
+
+def test_two_aggregators_past_the_start_check_do_not_fight(federation, tmp_path):
+    """Both started at once (each found no presence): they share one client id, so each
+    connection takes the session from the other (mosquitto 2.0.11 closes the old socket
+    without a DISCONNECT reason). Each sees the other's presence: the younger stops, the
+    older keeps the federation and finishes its round."""
+    fed = federation(devices=["bob"])
+    (tmp_path / "a").mkdir()
+    older, older_thread = fed.start_aggregator(tmp_path / "a", rounds=1, min_devices=1)
+    wait_for(lambda: older.phase == "collecting", 20, "the first aggregator")
+    task = TaskSpec.load(blobs_task(tmp_path))
+    younger = fed.aggregator(tmp_path / "b" / "run", task, rounds=1, deadline=None)
+    younger._refuse_if_another_is_running = lambda: None  # as if both had probed at once
+    younger_thread = fed.in_thread(younger.run, timeout=60)
+    with pytest.raises(FedmqError, match="started earlier and runs; this one stops"):
+        join(younger_thread, 30)
+    assert younger.phase == "failed"
+
+    wait_for(lambda: older._connected.is_set(), 30, "the older one back on the broker")
+    set_status(fed, "bob", "online")
+    model = current_model(fed, "bob")
+    assert model.run_id == older.spec.run_id
+    publish_as(fed, "bob", Topics(fed.name).update("bob"), update(fed, "bob", model))
+    assert join(older_thread, 30) == 0 and older.phase == "done"
+    state = read_state(fed.settings("fedmq-operator"), fed.name)
+    assert state["instance"] == older.instance

@@ -125,3 +125,13 @@ def test_the_inbox_is_bounded_in_bytes_not_only_in_messages():
     big = Inbound("t", b"z" * 1000, 3, 1)  # larger than the bound: let into an empty inbox
     assert inbox.put(big, lambda: False) and inbox.bytes == 1000
     assert not inbox.put(Inbound("t", b"w", 4, 1), lambda: True)  # stopping: gives up
+
+
+def test_of_two_aggregators_past_the_start_check_the_younger_yields():
+    older = signals.Presence("online", "aaa", since=100.0)
+    younger = signals.Presence("online", "bbb", since=200.0)
+    assert signals.yields_to(younger, older) and not signals.yields_to(older, younger)
+    assert not signals.yields_to(younger, signals.Presence("offline", "aaa", since=100.0))
+    assert not signals.yields_to(younger, younger) and not signals.yields_to(younger, None)
+    twin = signals.Presence("online", "ccc", since=200.0)  # same start: the id decides
+    assert signals.yields_to(twin, younger) != signals.yields_to(younger, twin)
