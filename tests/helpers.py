@@ -123,3 +123,42 @@ def current_model(fed, account: str, timeout: float = 10):
         client.on_message = lambda c, u, m: inbox.put(m.payload)
         client.subscribe(Topics(fed.name).model, qos=1)
         return messages.decode_model(inbox.get(timeout=timeout))
+
+
+def signed_update(
+    fed,
+    device,
+    model,
+    *,
+    round_=None,
+    base_hash=None,
+    num_samples=10,
+    tensors=None,
+    metrics=None,
+    sign=True,
+    sign_as=None,
+    device_id=None,
+    drop=(),
+    run_id=None,
+) -> bytes:
+    """``device``'s update of ``model`` (its own weights unless ``tensors``), signed with its
+    key (or ``sign_as``'s); every field can be made wrong for the hostile tests."""
+    from broker import codec, messages, signing
+    from broker.home import load_credentials
+
+    tensors = tensors if tensors is not None else {k: v.clone() for k, v in model.tensors.items()}
+    binding = {"federation": model.federation, "run_id": run_id or model.run_id}
+    meta = messages.update_metadata(
+        round_=model.round if round_ is None else round_,
+        device_id=device_id or device,
+        num_samples=num_samples,
+        base_hash=model.model_hash if base_hash is None else base_hash,
+        metrics=metrics or {"train_loss": 1.0},
+        **binding,
+    )
+    for key in drop:
+        del meta[key]
+    if sign:
+        key = load_credentials(fed.credentials(sign_as or device))["signing_key"]
+        meta["signature"] = signing.sign(signing.load_private(key), tensors, meta)
+    return codec.encode(tensors, meta)

@@ -15,9 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from aggregator.checkpoint import RunDir
-from broker import codec, messages, signals, signing
+from broker import messages, signals
 from broker.errors import FedmqError
-from broker.home import load_credentials
 from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.cli import main
@@ -28,28 +27,15 @@ from tests.helpers import (
     join,
     mqtt_session,
     publish_as,
+    signed_update,
     wait_for,
 )
 
 pytestmark = pytest.mark.mosquitto
 
 
-def update(fed, device, model, *, round_=None, metrics=None, sign=True, run_id=None, nudge=0.0):
-    """A device's update of ``model`` (weights nudged), signed with its own key."""
-    tensors = {k: (v + nudge) if v.is_floating_point() else v for k, v in model.tensors.items()}
-    meta = messages.update_metadata(
-        round_=model.round if round_ is None else round_,
-        device_id=device,
-        num_samples=10,
-        base_hash=model.model_hash,
-        metrics=metrics or {"train_loss": 1.0},
-        federation=model.federation,
-        run_id=model.run_id if run_id is None else run_id,
-    )
-    if sign:
-        key = signing.load_private(load_credentials(fed.credentials(device))["signing_key"])
-        meta["signature"] = signing.sign(key, tensors, meta)
-    return codec.encode(tensors, meta)
+def nudged(model) -> dict:
+    return {k: v + 0.5 if v.is_floating_point() else v for k, v in model.tensors.items()}
 
 
 def set_status(fed, device, status):
@@ -78,7 +64,7 @@ def test_a_nesting_bomb_status_is_refused_counted_and_survived_across_restarts(
     wait_for(lambda: again._refused.get("status:not_json"), 20, "the retained one again")
     set_status(fed, "bob", "online")
     bob_model = current_model(fed, "bob")
-    publish_as(fed, "bob", topics.update("bob"), update(fed, "bob", bob_model))
+    publish_as(fed, "bob", topics.update("bob"), signed_update(fed, "bob", bob_model))
     assert join(thread, 30) == 0  # the round completed with bob, nothing crashed
     state = read_state(fed.settings("fedmq-operator"), fed.name)
     assert state["totals"]["refused_messages"]["status:not_json"] >= 1
@@ -95,16 +81,25 @@ def test_only_signed_updates_for_this_round_count_as_a_report(federation, tmp_pa
     wait_for(lambda: len(agg.status) == 2, 20, "both devices online")
     first = current_model(fed, "bob")
     for device in ("bob", "alice"):
-        publish_as(fed, device, topics.update(device), update(fed, device, first))
+        publish_as(fed, device, topics.update(device), signed_update(fed, device, first))
     wait_for(lambda: agg.state.completed_round == 1, 30, "round 1")
 
     second = current_model(fed, "bob")
     assert second.round == 2
-    publish_as(fed, "bob", topics.update("bob"), update(fed, "bob", second))
+    publish_as(fed, "bob", topics.update("bob"), signed_update(fed, "bob", second))
     # alice: a new signed update for round 1 (late), an unsigned and a wrong-run one for round 2
-    publish_as(fed, "alice", topics.update("alice"), update(fed, "alice", first, nudge=0.5))
-    publish_as(fed, "alice", topics.update("alice"), update(fed, "alice", second, sign=False))
-    publish_as(fed, "alice", topics.update("alice"), update(fed, "alice", second, run_id="other"))
+    publish_as(
+        fed,
+        "alice",
+        topics.update("alice"),
+        signed_update(fed, "alice", first, tensors=nudged(first)),
+    )
+    publish_as(
+        fed, "alice", topics.update("alice"), signed_update(fed, "alice", second, sign=False)
+    )
+    publish_as(
+        fed, "alice", topics.update("alice"), signed_update(fed, "alice", second, run_id="other")
+    )
     wait_for(lambda: len(agg.current.journal.entries) == 4, 20, "four fates journaled")
     outcomes = sorted(
         (e["device"], e["outcome"], e.get("reason", "")) for e in agg.current.journal.entries
@@ -120,7 +115,10 @@ def test_only_signed_updates_for_this_round_count_as_a_report(federation, tmp_pa
 
     hostile_names = {"round": 99.0, "devices": 1e6, "samples": -1.0, "train_loss": 0.25}
     publish_as(
-        fed, "alice", topics.update("alice"), update(fed, "alice", second, metrics=hostile_names)
+        fed,
+        "alice",
+        topics.update("alice"),
+        signed_update(fed, "alice", second, metrics=hostile_names),
     )
     assert join(thread, 30) == 0
     rows = agg.run_dir.metrics()
@@ -147,7 +145,9 @@ def test_one_device_cannot_flood_the_journal(federation, tmp_path):
     extra = 8
     with mqtt_session(fed.settings("mallory"), "flood") as client:
         for k in range(service.MAX_RECORDS_PER_DEVICE + extra):
-            payload = update(fed, "mallory", model, round_=model.round + 1 + k)  # future rounds
+            payload = signed_update(
+                fed, "mallory", model, round_=model.round + 1 + k
+            )  # future rounds
             client.publish(topic, payload, qos=1).wait_for_publish(10)
     wait_for(lambda: agg._refused.get("updates:flood") == extra, 30, "the flood to be counted")
     assert agg.current.journal.records_of("mallory") == service.MAX_RECORDS_PER_DEVICE
@@ -184,7 +184,7 @@ def test_the_final_model_is_published_even_if_the_broker_is_down_at_the_end(fede
     agg.on_event = on_event
     set_status(fed, "bob", "online")
     model = current_model(fed, "bob")
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), update(fed, "bob", model))
+    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
     assert join(thread, 60) == 0
     assert restarted.is_set()
     final = current_model(fed, "bob")
@@ -214,18 +214,14 @@ def test_a_second_aggregator_is_refused_and_a_dead_one_is_reported(federation, t
     assert result.exit_code == 1 and "'stop' not sent" in result.output
 
 
-def test_a_killed_aggregator_leaves_its_will(federation, tmp_path):
-    import os
+def test_a_killed_aggregator_leaves_its_will(federation, tmp_path, monkeypatch):
     import signal
 
     fed = federation(devices=["bob"])
     task = tmp_path / "task.toml"
     task.write_text(blobs_task(tmp_path).read_text())
-    os.environ["FEDMQ_KEEPALIVE"] = "1"  # the will fires ~1.5 s after the link goes quiet
-    try:
-        proc = fed.spawn_aggregator("--task", str(task), "--run-dir", str(tmp_path / "run"))
-    finally:
-        del os.environ["FEDMQ_KEEPALIVE"]
+    monkeypatch.setenv("FEDMQ_KEEPALIVE", "1")  # the will fires ~1.5 s after the link is quiet
+    proc = fed.spawn_aggregator("--task", str(task), "--run-dir", str(tmp_path / "run"))
     operator = fed.settings("fedmq-operator")
     with StateWatcher(operator, fed.name) as watcher:
         while watcher.next_state(60)["phase"] != "collecting":
@@ -243,7 +239,7 @@ def test_a_stop_queued_while_no_aggregator_runs_does_not_stop_the_next_one(
     agg, thread = fed.start_aggregator(tmp_path, rounds=2, min_devices=1, stop_after=1)
     set_status(fed, "bob", "online")
     model = current_model(fed, "bob")
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), update(fed, "bob", model))
+    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
     assert join(thread, 30) == 0 and agg.state.completed_round == 1
     # a stop for the aggregator that just left, queued in its persistent session
     stale = signals.encode_control("stop", agg.instance)
@@ -255,7 +251,7 @@ def test_a_stop_queued_while_no_aggregator_runs_does_not_stop_the_next_one(
     model = current_model(fed, "bob")
     assert model.round == 2
     wait_for(lambda: again._refused.get("control:not_for_us"), 20, "the stale stop ignored")
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), update(fed, "bob", model))
+    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
     assert join(thread, 30) == 0
     assert again.phase == "done" and again.state.completed_round == 2
     assert "meant for another aggregator instance" in caplog.text
@@ -270,7 +266,7 @@ def test_plot_on_stop_and_offline_devices_are_logged(federation, tmp_path, caplo
     set_status(fed, "bob", "offline")
     wait_for(lambda: agg.status.get("bob") == "offline", 20, "bob offline")
     model = current_model(fed, "bob")
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), update(fed, "bob", model))
+    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
     assert join(thread, 60) == 0
     assert agg.phase == "stopped" and agg.run_dir.plot_png.stat().st_size > 0
     assert "device bob went offline" in caplog.text
@@ -297,7 +293,7 @@ def test_two_aggregators_past_the_start_check_do_not_fight(federation, tmp_path)
     set_status(fed, "bob", "online")
     model = current_model(fed, "bob")
     assert model.run_id == older.spec.run_id
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), update(fed, "bob", model))
+    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
     assert join(older_thread, 30) == 0 and older.phase == "done"
     state = read_state(fed.settings("fedmq-operator"), fed.name)
     assert state["instance"] == older.instance

@@ -6,7 +6,6 @@ aggregator keeps going: the round still completes with the honest device.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -17,18 +16,23 @@ import pytest
 import torch
 
 from aggregator.service import initial_weights
-from broker import codec, messages, signing
-from broker.home import load_credentials
+from broker import messages
 from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.operator import StateWatcher
-from tests.helpers import blobs_task, current_model, join, publish_as, wait_for, write_blobs
+from tests.helpers import (
+    blobs_task,
+    current_model,
+    join,
+    publish_as,
+    signed_update,
+    wait_for,
+    write_blobs,
+)
 
 pytestmark = pytest.mark.mosquitto
 README = Path(__file__).resolve().parent.parent / "README.md"
 MAX_PAYLOAD = 64 * 1024  # the aggregator's limit in the live test: "oversize" stays small
-# updates bound to their federation and run (issue 8, item 3) once messages carry them
-BINDS_RUN = "run_id" in inspect.signature(messages.update_metadata).parameters
 
 
 def readme_refusal_kinds() -> set[str]:
@@ -41,42 +45,6 @@ def readme_refusal_kinds() -> set[str]:
     kinds = set(re.findall(r"`([a-z_]+)`", listed))
     assert len(kinds) == declared, f"the README lists {sorted(kinds)} as {declared} kinds"
     return kinds
-
-
-def signed_update(
-    fed,
-    device,
-    model,
-    *,
-    round_=None,
-    base_hash=None,
-    num_samples=10,
-    tensors=None,
-    metrics=None,
-    sign=True,
-    sign_as=None,
-    device_id=None,
-    drop=(),
-    run_id=None,
-) -> bytes:
-    tensors = tensors if tensors is not None else {k: v.clone() for k, v in model.tensors.items()}
-    binding = {}
-    if BINDS_RUN:
-        binding = {"federation": model.federation, "run_id": run_id or model.run_id}
-    meta = messages.update_metadata(
-        round_=model.round if round_ is None else round_,
-        device_id=device_id or device,
-        num_samples=num_samples,
-        base_hash=model.model_hash if base_hash is None else base_hash,
-        metrics=metrics or {"train_loss": 1.0},
-        **binding,
-    )
-    for key in drop:
-        del meta[key]
-    if sign:
-        key = load_credentials(fed.credentials(sign_as or device))["signing_key"]
-        meta["signature"] = signing.sign(signing.load_private(key), tensors, meta)
-    return codec.encode(tensors, meta)
 
 
 def raw_header(header: dict, data: bytes = b"", declared: int | None = None) -> bytes:
@@ -124,8 +92,8 @@ def hostile_payloads(fed, model) -> dict[str, tuple[str, bytes]]:
     sent = {reason: ("mallory", payload) for reason, payload in payloads.items()}
     # trudy has a broker account, but the aggregator has no public key for her
     sent["unknown_device"] = ("trudy", signed_update(fed, "trudy", model))
-    if BINDS_RUN:  # signed by mallory, for this federation but another run of it
-        sent["wrong_run"] = ("mallory", signed_update(fed, "mallory", model, run_id="0" * 32))
+    # signed by mallory, for this federation but another run of it
+    sent["wrong_run"] = ("mallory", signed_update(fed, "mallory", model, run_id="0" * 32))
     return sent
 
 

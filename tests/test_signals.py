@@ -110,15 +110,19 @@ def test_running_elsewhere_rules():
 def test_the_inbox_is_bounded_in_bytes_not_only_in_messages():
     inbox = Inbox(max_items=64, max_bytes=100)
     assert inbox.put(Inbound("t", b"x" * 60, 1, 1), lambda: False)
-    second_in = threading.Event()
+    waiting, second_in = threading.Event(), threading.Event()
+
+    def still_waiting() -> bool:  # put() asks this only while the item does not fit
+        waiting.set()
+        return False
 
     def put_second():
-        inbox.put(Inbound("t", b"y" * 60, 2, 1), lambda: False)
+        inbox.put(Inbound("t", b"y" * 60, 2, 1), still_waiting)
         second_in.set()
 
     threading.Thread(target=put_second, daemon=True).start()
-    assert not second_in.wait(0.3)  # 120 bytes would exceed the bound: the sender waits
-    assert inbox.bytes == 60
+    assert waiting.wait(5)  # 120 bytes would exceed the bound: the sender waits
+    assert not second_in.is_set() and inbox.bytes == 60
     assert [i.mid for i in inbox.take(10, timeout=1)] == [1]
     assert second_in.wait(5)  # room again
     assert [i.mid for i in inbox.take(10, timeout=1)] == [2]
