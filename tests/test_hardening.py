@@ -38,6 +38,23 @@ def nudged(model) -> dict:
     return {k: v + 0.5 if v.is_floating_point() else v for k, v in model.tensors.items()}
 
 
+def bob_reports(fed):
+    """bob sends his update of the retained model; returns that model."""
+    model = current_model(fed, "bob")
+    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
+    return model
+
+
+def second_aggregator(fed, tmp_path):
+    """A running aggregator (run dir ``a``) and a second one for the same federation (``b``)."""
+    (tmp_path / "a").mkdir()
+    first, thread = fed.start_aggregator(tmp_path / "a", rounds=1, min_devices=1)
+    wait_for(lambda: first.phase == "collecting", 20, "the first aggregator")
+    task = TaskSpec.load(blobs_task(tmp_path))
+    second = fed.aggregator(tmp_path / "b" / "run", task, rounds=1, deadline=None)
+    return first, thread, second
+
+
 def set_status(fed, device, status):
     publish_as(
         fed, device, Topics(fed.name).status(device), signals.encode_status(status, device), True
@@ -63,8 +80,7 @@ def test_a_nesting_bomb_status_is_refused_counted_and_survived_across_restarts(
     again, thread = fed.start_aggregator(tmp_path, resume=True, min_devices=1)
     wait_for(lambda: again._refused.get("status:not_json"), 20, "the retained one again")
     set_status(fed, "bob", "online")
-    bob_model = current_model(fed, "bob")
-    publish_as(fed, "bob", topics.update("bob"), signed_update(fed, "bob", bob_model))
+    bob_reports(fed)
     assert join(thread, 30) == 0  # the round completed with bob, nothing crashed
     state = read_state(fed.settings("fedmq-operator"), fed.name)
     assert state["totals"]["refused_messages"]["status:not_json"] >= 1
@@ -183,8 +199,7 @@ def test_the_final_model_is_published_even_if_the_broker_is_down_at_the_end(fede
     agg, thread = fed.start_aggregator(tmp_path, rounds=1, min_devices=1)
     agg.on_event = on_event
     set_status(fed, "bob", "online")
-    model = current_model(fed, "bob")
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
+    bob_reports(fed)
     assert join(thread, 60) == 0
     assert restarted.is_set()
     final = current_model(fed, "bob")
@@ -193,11 +208,7 @@ def test_the_final_model_is_published_even_if_the_broker_is_down_at_the_end(fede
 
 def test_a_second_aggregator_is_refused_and_a_dead_one_is_reported(federation, tmp_path):
     fed = federation(devices=["bob"])
-    (tmp_path / "a").mkdir()
-    first, thread = fed.start_aggregator(tmp_path / "a", rounds=1, min_devices=1)
-    wait_for(lambda: first.phase == "collecting", 20, "the first aggregator")
-    task = TaskSpec.load(blobs_task(tmp_path))
-    second = fed.aggregator(tmp_path / "b" / "run", task, rounds=1, deadline=None)
+    first, thread, second = second_aggregator(fed, tmp_path)
     with pytest.raises(FedmqError, match="another aggregator is running federation 'test'"):
         second.run(timeout=30)
     assert first.phase == "collecting" and thread.is_alive()  # not knocked off
@@ -238,8 +249,7 @@ def test_a_stop_queued_while_no_aggregator_runs_does_not_stop_the_next_one(
     fed = federation(devices=["bob"])
     agg, thread = fed.start_aggregator(tmp_path, rounds=2, min_devices=1, stop_after=1)
     set_status(fed, "bob", "online")
-    model = current_model(fed, "bob")
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
+    bob_reports(fed)
     assert join(thread, 30) == 0 and agg.state.completed_round == 1
     # a stop for the aggregator that just left, queued in its persistent session
     stale = signals.encode_control("stop", agg.instance)
@@ -265,8 +275,7 @@ def test_plot_on_stop_and_offline_devices_are_logged(federation, tmp_path, caplo
     wait_for(lambda: agg.status.get("bob") == "online", 20, "bob online")
     set_status(fed, "bob", "offline")
     wait_for(lambda: agg.status.get("bob") == "offline", 20, "bob offline")
-    model = current_model(fed, "bob")
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
+    bob_reports(fed)
     assert join(thread, 60) == 0
     assert agg.phase == "stopped" and agg.run_dir.plot_png.stat().st_size > 0
     assert "device bob went offline" in caplog.text
@@ -278,11 +287,7 @@ def test_two_aggregators_past_the_start_check_do_not_fight(federation, tmp_path)
     without a DISCONNECT reason). Each sees the other's presence: the younger stops, the
     older keeps the federation and finishes its round."""
     fed = federation(devices=["bob"])
-    (tmp_path / "a").mkdir()
-    older, older_thread = fed.start_aggregator(tmp_path / "a", rounds=1, min_devices=1)
-    wait_for(lambda: older.phase == "collecting", 20, "the first aggregator")
-    task = TaskSpec.load(blobs_task(tmp_path))
-    younger = fed.aggregator(tmp_path / "b" / "run", task, rounds=1, deadline=None)
+    older, older_thread, younger = second_aggregator(fed, tmp_path)
     younger._refuse_if_another_is_running = lambda: None  # as if both had probed at once
     younger_thread = fed.in_thread(younger.run, timeout=60)
     with pytest.raises(FedmqError, match="started earlier and runs; this one stops"):
@@ -291,9 +296,7 @@ def test_two_aggregators_past_the_start_check_do_not_fight(federation, tmp_path)
 
     wait_for(lambda: older._connected.is_set(), 30, "the older one back on the broker")
     set_status(fed, "bob", "online")
-    model = current_model(fed, "bob")
-    assert model.run_id == older.spec.run_id
-    publish_as(fed, "bob", Topics(fed.name).update("bob"), signed_update(fed, "bob", model))
+    assert bob_reports(fed).run_id == older.spec.run_id
     assert join(older_thread, 30) == 0 and older.phase == "done"
     state = read_state(fed.settings("fedmq-operator"), fed.name)
     assert state["instance"] == older.instance
