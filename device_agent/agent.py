@@ -8,7 +8,6 @@ retained ``model`` tells a device that rebooted which round is running.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import queue
@@ -21,7 +20,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import torch
 
-from broker import codec, messages, zoo
+from broker import codec, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import BrokerError, CodecError, ConfigError, DataError, TaskError
 from broker.topics import Topics
@@ -285,14 +284,10 @@ class Agent:
         self.on_event("trained", {"round": msg.round, "metrics": metrics, "mid": info.mid})
 
     def _status_payload(self, status: str, round_: int | None = None) -> bytes:
-        body = {
-            "status": status,
-            "device_id": self.config.device_id,
-            "capabilities": {"torch": torch.__version__, "machine": platform.machine()},
-        }
-        if round_ is not None:
-            body["round"] = round_
-        return json.dumps(body).encode()
+        capabilities = {"torch": torch.__version__, "machine": platform.machine()}
+        return signals.encode_status(
+            status, self.config.device_id, round_=round_, capabilities=capabilities
+        )
 
     def _publish_status(self, status: str, round_: int | None = None) -> mqtt.MQTTMessageInfo:
         return self.client.publish(

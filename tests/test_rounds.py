@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -297,3 +298,16 @@ def test_rundir_repairs_a_torn_metrics_line(tmp_path):
     assert run.metrics_jsonl.read_text().endswith("\n")
     run.commit(state, 2, model_tensors(2.0), {"round": 2})
     assert [m["round"] for m in run.metrics()] == [1, 2]
+
+
+def test_a_run_directory_is_held_by_one_aggregator_at_a_time(tmp_path):
+    """flock: a second holder is refused with the first one's pid; the lock goes with the
+    process (also on SIGKILL), or on unlock."""
+    first = RunDir(tmp_path / "run")
+    first.lock()
+    with pytest.raises(ConfigError, match=rf"in use by another aggregator \(pid {os.getpid()}\)"):
+        RunDir(tmp_path / "run").lock()
+    first.unlock()
+    second = RunDir(tmp_path / "run")
+    second.lock()
+    second.unlock()
