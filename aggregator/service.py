@@ -518,8 +518,10 @@ class Aggregator:
         except CodecError as exc:
             verdict = rounds.Verdict(rounds.REJECTED, exc.reason)
             detail = f" ({exc})"
-        else:
-            detail = ""
+        else:  # a late one says which round it was for (the audit matches it to its claim)
+            detail = (
+                f" (trained for round {update.round})" if verdict.outcome == rounds.LATE else ""
+            )
         if verdict.outcome == rounds.ACCEPTED:
             current.journal.record_accepted(digest, topic_device, item.payload)
         else:

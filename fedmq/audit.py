@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 PUBLISHED = re.compile(r"round (\d+): trained on (\d+) samples, loss \S+, published \d+ bytes")
-LATE = re.compile(r"round (\d+): late update from (\S+)")
+LATE = re.compile(r"round \d+: late update from (\S+) \(trained for round (\d+)\)")
 
 Key = tuple[int, str]  # (round, device)
 
@@ -53,8 +53,8 @@ def claims_in_log(device: str, text: str) -> list[Claim]:
 
 
 def late_in_log(text: str) -> list[Key]:
-    """(round it arrived in, device) of every update the aggregator's log calls late."""
-    return [(int(m.group(1)), m.group(2)) for m in LATE.finditer(text)]
+    """(round it was trained for, device) of every update the aggregator's log calls late."""
+    return [(int(m.group(2)), m.group(1)) for m in LATE.finditer(text)]
 
 
 @dataclass
@@ -92,8 +92,9 @@ def audit(
     """Check a run's ``metrics.jsonl`` ``rows`` (and ``devices.jsonl`` ``device_rows``)
     against the agents' ``claims``.
 
-    ``late``: (round it arrived in, device) of each update the aggregator refused as
-    late: it accounts for one claim of that device for an earlier round;
+    ``late``: (round it was trained for, device) of each update the aggregator refused
+    as late: it accounts for that very claim (a late copy of an update that was
+    aggregated, a re-send after a restart, accounts for nothing);
     ``unprocessed``: (round, device) of updates still queued for the aggregator after
     the run (see ``unprocessed_updates``): each accounts for that very claim;
     ``died``: the last claim of each agent process that was SIGKILLed.
@@ -134,12 +135,7 @@ def audit(
             result.aggregated.append(key)
         else:
             unaggregated.append(key)
-    excused = set(unprocessed) & set(unaggregated)
-    for arrived, device in sorted(late):  # the closest earlier round not yet accounted for
-        earlier = [k for k in unaggregated if k[1] == device and k[0] < arrived]
-        earlier = [k for k in earlier if k not in excused]
-        if earlier:
-            excused.add(max(earlier))
+    excused = (set(unprocessed) | set(late)) & set(unaggregated)
     for key in unaggregated:
         if key in excused:
             result.late.append(key)
