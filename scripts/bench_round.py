@@ -19,6 +19,7 @@ not one model per device).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import threading
 import time
@@ -83,16 +84,18 @@ def raw_broker(fed: LocalFederation, jobs, concurrency: int) -> float:
     return seconds
 
 
-def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, jobs, concurrency: int):
+def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, concurrency: int):
     """Seconds for a real aggregator process to take every update and close the round,
-    and its peak resident memory (sampled from /proc while it runs)."""
+    and its peak resident memory (sampled from /proc while it runs). Updates are bound
+    to the run, whose id the aggregator draws: ``make_jobs(run_id)`` signs them then,
+    before the clock starts."""
     proc = fed.spawn_aggregator(
         "--task",
         str(task_path),
         "--rounds",
         "1",
         "--min-devices",
-        str(len(jobs)),
+        str(len(make_jobs.devices)),
         "--deadline",
         "0",
         "--run-dir",
@@ -112,6 +115,8 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, jobs, concurr
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     assert model_seen.wait(60), (work / "aggregator.log").read_text()
+    run_id = json.loads((work / "run" / "run.json").read_text())["run_id"]
+    jobs = make_jobs(run_id)
     idle = rss_mb(proc.pid)
     start = time.perf_counter()
     errors = publish_all(jobs, concurrency=concurrency)
@@ -137,21 +142,30 @@ def main() -> None:
     devices = [f"d{i:04d}" for i in range(args.devices)]
     print(f"provisioning {args.devices} devices...", flush=True)
     with LocalFederation.create(work / "broker", "bench", devices) as fed:
-        payload, _ = messages.encode_model(initial_weights(task), 1, task)
-        model = messages.decode_model(payload)
-        jobs = []
-        for i, device in enumerate(devices):
-            device_id, update = signed_update(
-                fed.credentials(device), model, num_samples=10 + i % 50, scale=0.001 * (i % 7)
+
+        def make_jobs(run_id: str) -> list:
+            """One signed update per device, trained (nudged) from the run's first model."""
+            payload, _ = messages.encode_model(
+                initial_weights(task), 1, task, federation=fed.name, run_id=run_id
             )
-            jobs.append((fed.credentials(device), Topics(fed.name).update(device_id), update))
+            model = messages.decode_model(payload)
+            jobs = []
+            for i, device in enumerate(devices):
+                device_id, update = signed_update(
+                    fed.credentials(device), model, num_samples=10 + i % 50, scale=0.001 * (i % 7)
+                )
+                jobs.append((fed.credentials(device), Topics(fed.name).update(device_id), update))
+            return jobs
+
+        make_jobs.devices = devices
+        jobs = make_jobs("0" * 16)  # the raw broker's: same sizes, no aggregator to bind to
         size_kb = len(jobs[0][2]) / 1024
         print(
             f"{args.devices} updates of {size_kb:.0f} KiB, {args.concurrency} sessions at a time",
             flush=True,
         )
         raw = raw_broker(fed, jobs, args.concurrency)
-        ours, rss_idle, rss_peak = fedmq_round(fed, work, task_path, jobs, args.concurrency)
+        ours, rss_idle, rss_peak = fedmq_round(fed, work, task_path, make_jobs, args.concurrency)
 
     print(f"raw broker : {args.devices / raw:8.0f} updates/s ({raw:.2f} s)")
     print(
