@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 ACCEPTED, REJECTED, DUPLICATE, LATE = "accepted", "rejected", "duplicate", "late"
@@ -49,6 +49,36 @@ def admit(
     if topic_device in accepted_devices:
         return Verdict(DUPLICATE)
     return Verdict(ACCEPTED)
+
+
+PRESENT = ("online", "training")
+
+
+def present_devices(
+    status: Mapping[str, str],
+    offline_at: Mapping[str, float],
+    *,
+    link_lost_at: float | None,
+    relinked_at: float | None,
+    now: float,
+    grace: float,
+    settle: float = 2.0,
+) -> set[str]:
+    """Devices a round waits for: online or training, and those whose "offline" may be a
+    broker restart's doing. A broker shutting down fires every client's last will (the
+    aggregator may see them just before its own link drops), and after its restart each
+    retained status says offline until the device reconnects. So an "offline" counts only
+    once it is ``settle`` seconds old, and one that came within ``settle`` seconds of the
+    aggregator's own loss of the broker only ``grace`` seconds after the link is back."""
+    present = {d for d, s in status.items() if s in PRESENT}
+    restart = link_lost_at is not None and (relinked_at is None or now < relinked_at + grace)
+    for device, s in status.items():
+        if s != "offline" or device not in offline_at:
+            continue
+        seen = offline_at[device]
+        if now - seen < settle or (restart and seen >= link_lost_at - settle):
+            present.add(device)
+    return present
 
 
 CLOSE, WAIT, SHORT = "close", "wait", "short"

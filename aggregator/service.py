@@ -39,7 +39,8 @@ from broker.topics import Topics
 
 log = logging.getLogger("fedmq.aggregator")
 
-PRESENT = ("online", "training")
+PRESENT = rounds.PRESENT
+RECONNECT_GRACE = 30.0  # seconds a device whose "offline" came with a broker restart is awaited
 # updates the broker may send before we ack: bounds the payloads held in memory (and a batch)
 RECEIVE_MAXIMUM = 64
 INBOX_BYTES = 256 * 1024 * 1024  # payload bytes waiting in memory, whatever their number
@@ -144,6 +145,11 @@ class Aggregator:
         self._connected = threading.Event()
         self._watch: ConnectionWatch | None = None  # made by run(): says why the link failed
         self._superseded: str | None = None  # an older aggregator of this federation runs
+        # when each device was last seen going offline, and when our own link dropped and
+        # came back: an "offline" that came with a broker restart is given time to recover
+        self._offline_at: dict[str, float] = {}
+        self._link_lost_at: float | None = None
+        self._relinked_at: float | None = None
         self.status: dict[str, str] = {}
         self.phase = "starting"
         self._last_state_pub = 0.0
@@ -226,6 +232,8 @@ class Aggregator:
             ]
         )
         self._publish_presence()
+        if self._link_lost_at is not None:
+            self._relinked_at = time.monotonic()
         self._connected.set()
         self._state_dirty = True
         self._reannounce.set()  # a restarted broker may have lost the retained model
@@ -233,6 +241,8 @@ class Aggregator:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        if was_connected:
+            self._link_lost_at, self._relinked_at = time.monotonic(), None
         if was_connected and not self._stop.is_set():
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
@@ -424,6 +434,8 @@ class Aggregator:
         if previous != status:
             self.status[device_id] = status
             self._state_dirty = True
+            if status == "offline":
+                self._offline_at[device_id] = time.monotonic()
             if status == "offline" and previous in PRESENT:
                 log.info("device %s went offline", device_id)
             self.on_event("device", {"device": device_id, "status": status})
@@ -555,7 +567,14 @@ class Aggregator:
         )
 
     def _maybe_close(self, current: _Round) -> _Round | None:
-        present = {d for d, s in self.status.items() if s in PRESENT}
+        present = rounds.present_devices(
+            self.status,
+            self._offline_at,
+            link_lost_at=self._link_lost_at,
+            relinked_at=self._relinked_at,
+            now=time.monotonic(),
+            grace=RECONNECT_GRACE,
+        )
         decision = rounds.close_decision(
             accepted=current.accepted,
             min_devices=self.spec.min_devices,

@@ -311,3 +311,24 @@ def test_a_run_directory_is_held_by_one_aggregator_at_a_time(tmp_path):
     second = RunDir(tmp_path / "run")
     second.lock()
     second.unlock()
+
+
+def test_an_offline_that_came_with_a_broker_restart_is_awaited_for_a_grace_period():
+    from aggregator.rounds import present_devices
+
+    status = {"a": "online", "b": "offline", "c": "offline", "d": "training"}
+    offline_at = {"b": 99.0, "c": 50.0}  # b's will fired as the broker went down at 100
+    kw = {"offline_at": offline_at, "grace": 30.0}
+    assert present_devices(status, link_lost_at=None, relinked_at=None, now=200, **kw) == {
+        "a",
+        "d",
+    }
+    # just seen going offline: maybe the broker going down, wait a moment before believing it
+    fresh = present_devices(status, link_lost_at=None, relinked_at=None, now=100, **kw)
+    assert fresh == {"a", "b", "d"}
+    during = present_devices(status, link_lost_at=100.0, relinked_at=None, now=103, **kw)
+    assert during == {"a", "b", "d"}  # c went offline long before: not the restart's doing
+    after = present_devices(status, link_lost_at=100.0, relinked_at=102.0, now=120, **kw)
+    assert after == {"a", "b", "d"}
+    expired = present_devices(status, link_lost_at=100.0, relinked_at=102.0, now=132.5, **kw)
+    assert expired == {"a", "d"}
