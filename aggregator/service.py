@@ -448,7 +448,8 @@ class Aggregator:
             other = signals.parse_presence(item.payload)
         except CodecError:
             return  # only aggregators may write this topic; nothing to count
-        if other is None or other.status != "online" or other.instance == self.instance:
+        alive = signals.running_elsewhere(other, self.presence, time.time(), _pid_alive, HEARTBEAT)
+        if not alive:  # ours, offline, or the retained one of a killed predecessor
             return
         where = f"pid {other.pid} on {other.host}"
         if signals.yields_to(self.presence, other):

@@ -300,3 +300,22 @@ def test_two_aggregators_past_the_start_check_do_not_fight(federation, tmp_path)
     assert join(older_thread, 30) == 0 and older.phase == "done"
     state = read_state(fed.settings("fedmq-operator"), fed.name)
     assert state["instance"] == older.instance
+
+
+def test_the_retained_presence_of_a_killed_predecessor_is_not_an_aggregator(federation, tmp_path):
+    """A broker SIGKILLed after an aggregator died can bring back that aggregator's
+    'online' presence (its will was never saved): a dead pid on this host is nobody."""
+    import socket
+    import subprocess
+
+    fed = federation(devices=["bob"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    ghost = signals.Presence("online", "ghost", host=socket.gethostname(), pid=gone.pid, since=1.0)
+    topic = Topics(fed.name).aggregator
+    publish_as(fed, "fedmq-aggregator", topic, ghost.encode(heartbeat=1.0), retain=True)
+    agg, thread = fed.start_aggregator(tmp_path, rounds=1, min_devices=1)
+    wait_for(lambda: agg.phase == "collecting", 20, "the round")
+    set_status(fed, "bob", "online")
+    bob_reports(fed)
+    assert join(thread, 30) == 0 and agg.phase == "done"
