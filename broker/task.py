@@ -23,6 +23,13 @@ refuses any other, before importing anything::
 
     [data]
     label = "label"                # the label column of a CSV file
+
+    [strategy]                     # optional; how the aggregator combines updates
+    name = "fedavg"                # see aggregator/strategies/ (and the README's table)
+    # ... the strategy's parameters, e.g. mu = 0.01 for fedprox, fraction = 0.5 to sample
+
+The ``[strategy]`` table is kept as written here and validated by the aggregator
+(``aggregator.strategies.build``), which knows the strategies' parameters.
 """
 
 from __future__ import annotations
@@ -76,10 +83,14 @@ class TaskSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     data: DataSpec = field(default_factory=DataSpec)
     seed: int = 0
+    strategy: dict[str, Any] = field(default_factory=dict)  # the [strategy] table; {}: fedavg
 
     def to_json(self) -> str:
         """Canonical JSON: the same task always gives the same string (and model hash)."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        raw = asdict(self)
+        if not raw["strategy"]:
+            del raw["strategy"]  # the default: tasks written before strategies hash the same
+        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> TaskSpec:
@@ -115,7 +126,7 @@ class TaskSpec:
 
 def from_dict(raw: dict[str, Any]) -> TaskSpec:
     """Validate a parsed task (TOML tables or JSON objects) once, at the edge."""
-    unknown = set(raw) - {"model", "train", "data", "seed"}
+    unknown = set(raw) - {"model", "train", "data", "seed", "strategy"}
     if unknown:
         raise TaskError(f"unknown task section(s): {', '.join(sorted(unknown))}")
     model = raw.get("model")
@@ -143,11 +154,19 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TaskError("seed must be an integer")
+    strategy = raw.get("strategy", {})
+    if not isinstance(strategy, dict) or not isinstance(strategy.get("name", ""), str):
+        raise TaskError('[strategy] must be a table with name = "<strategy>"')
+    try:
+        json.dumps(strategy, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"[strategy] values must be plain numbers and strings: {exc}") from None
     return TaskSpec(
         model=ModelSpec(arch=model["arch"], args=args),
         train=train,
         data=DataSpec(label=data_raw.get("label", "label")),
         seed=seed,
+        strategy=strategy,
     )
 
 

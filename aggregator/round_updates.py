@@ -1,0 +1,75 @@
+"""A round's accepted updates as a strategy reads them (``strategies.base.Updates``).
+
+``JournalUpdates`` reads them back from the round's journal on disk in device-id
+order, one payload in memory at a time; ``ListUpdates`` holds them in memory (for
+in-process simulations and tests). Both give strategies that need every update
+at once a ``DeltaMatrix`` on disk.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from aggregator.journal import RoundJournal
+from aggregator.strategies.base import Tensors, Update
+from aggregator.update_matrix import DeltaMatrix
+from broker import messages
+
+
+class _MatrixMixin:
+    template: Tensors
+    _workdir: Path | None
+
+    def matrix(self, clip_norm: float | None = None) -> DeltaMatrix:
+        if self._workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fedmq-matrix-")
+            self._workdir = Path(self._tmp.name)
+        return DeltaMatrix.build(self._workdir / "deltas.f64", iter(self), self.template, clip_norm)
+
+
+class JournalUpdates(_MatrixMixin):
+    """The accepted updates of ``journal``. ``base_of(round)`` gives the global model an
+    update of that round was trained from (the current one, but for fedbuff's stale ones)."""
+
+    def __init__(
+        self,
+        journal: RoundJournal,
+        template: Tensors,
+        base_of: Callable[[int], Tensors],
+    ) -> None:
+        self.journal = journal
+        self.template = template
+        self._base_of = base_of
+        self._workdir = journal.directory
+
+    def __len__(self) -> int:
+        return len(self.journal.accepted_devices())
+
+    def __iter__(self) -> Iterator[Update]:
+        for device, payload in self.journal.accepted(by_device=True):
+            update = messages.decode_update(payload, max_payload=len(payload))  # checked before
+            yield Update(
+                device=device,
+                num_samples=update.num_samples,
+                tensors=update.tensors,
+                round=update.round,
+                base=self._base_of(update.round),
+                metrics=update.metrics,
+            )
+
+
+class ListUpdates(_MatrixMixin):
+    """Updates held in memory, served in device-id order."""
+
+    def __init__(self, updates: Sequence[Update], template: Tensors, workdir: Path | None = None):
+        self._updates = sorted(updates, key=lambda u: u.device)
+        self.template = template
+        self._workdir = workdir
+
+    def __len__(self) -> int:
+        return len(self._updates)
+
+    def __iter__(self) -> Iterator[Update]:
+        return iter(self._updates)

@@ -1,0 +1,37 @@
+"""Aggregation strategies, chosen by the task file's ``[strategy]`` table.
+
+``build({"name": "fedadam", "eta": 0.01})`` validates the table (an error names the
+key) and returns the strategy. The interface is in ``base.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aggregator.strategies.base import Params, RoundPlan, Strategy, StrategyError, Update
+from aggregator.strategies.sums import FedAvg, FedProx
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (
+        FedAvg,
+        FedProx,
+    )
+}
+
+
+def build(table: Mapping[str, Any] | None) -> Strategy:
+    table = dict(table or {})
+    name = table.get("name", "fedavg")
+    if name not in STRATEGIES:
+        raise StrategyError(
+            f"[strategy] name must be one of {', '.join(sorted(STRATEGIES))}, got {name!r}"
+        )
+    params = Params(table)
+    strategy = STRATEGIES[name](params)
+    params.done(name)
+    return strategy
+
+
+__all__ = ["RoundPlan", "STRATEGIES", "Strategy", "StrategyError", "Update", "build"]
