@@ -9,6 +9,10 @@
     federation  the federation's name
     run_id      the run's random id, fixed when the run is created (kept on --resume)
     final       "1" on the last model of a finished run (optional)
+    plan        JSON object, the strategy's word to the devices for this round (optional):
+                ``selected`` (device ids; absent: every device trains) and ``train``
+                (extra training settings, e.g. ``{"proximal_mu": 0.01}``; a device refuses
+                a setting it does not know)
     signature   Ed25519 signature of the aggregator (optional, see broker/signing.py)
 
 ``updates/<device_id>`` (device)::
@@ -34,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +51,8 @@ DEFAULT_MAX_SAMPLES = 10_000_000
 MAX_METRICS = 32  # metric names one update may carry
 MAX_METRIC_NAME = 64  # characters
 MAX_METRICS_JSON = 4096  # bytes of the metrics metadata string
+MAX_PLAN_JSON = 512 * 1024  # bytes of the plan metadata string (room for ~20,000 device ids)
+MAX_TRAIN_SETTINGS = 16
 
 
 def model_hash(
@@ -74,6 +80,11 @@ class ModelMessage:
     final: bool = False
     federation: str = ""
     run_id: str = ""
+    selected: tuple[str, ...] | None = None  # None: every device trains this round
+    train_settings: dict[str, float] = field(default_factory=dict)
+
+    def selects(self, device_id: str) -> bool:
+        return self.selected is None or device_id in self.selected
 
 
 @dataclass(frozen=True)
@@ -97,9 +108,11 @@ def encode_model(
     final: bool = False,
     federation: str = "",
     run_id: str = "",
+    plan: Mapping | None = None,
     sign: Callable[[Mapping[str, torch.Tensor], dict[str, str]], str] | None = None,
 ) -> tuple[bytes, str]:
-    """The ``model`` payload for ``round_`` and its model hash; ``sign`` adds a signature."""
+    """The ``model`` payload for ``round_`` and its model hash; ``sign`` adds a signature
+    (over every metadata key, the plan included)."""
     task_json = task.to_json()
     digest = model_hash(tensors, round_, task_json, federation=federation, run_id=run_id)
     meta = {"format": FORMAT, "round": str(round_), "task": task_json, "model_hash": digest}
@@ -107,6 +120,8 @@ def encode_model(
         meta |= {"federation": federation, "run_id": run_id}
     if final:
         meta["final"] = "1"
+    if plan:
+        meta["plan"] = json.dumps(plan, sort_keys=True, separators=(",", ":"))
     if sign is not None:
         meta["signature"] = sign(tensors, meta)
     return encode(tensors, meta), digest
@@ -125,6 +140,7 @@ def decode_model(payload: bytes, **limits) -> ModelMessage:
     federation, run_id = meta.get("federation", ""), meta.get("run_id", "")
     if model_hash(p.tensors, round_, task_json, federation=federation, run_id=run_id) != digest:
         raise CodecError("model_hash does not match the model's content", reason="bad_metadata")
+    selected, train_settings = parse_plan(meta.get("plan", ""))
     return ModelMessage(
         round=round_,
         task=task,
@@ -135,7 +151,49 @@ def decode_model(payload: bytes, **limits) -> ModelMessage:
         final=meta.get("final") == "1",
         federation=federation,
         run_id=run_id,
+        selected=selected,
+        train_settings=train_settings,
     )
+
+
+def parse_plan(text: str) -> tuple[tuple[str, ...] | None, dict[str, float]]:
+    """A model's ``plan`` metadata -> (selected device ids or None, training settings)."""
+    if not text:
+        return None, {}
+
+    def bad(why: str) -> CodecError:
+        return CodecError(f"metadata 'plan' {why}", reason="bad_metadata")
+
+    if len(text) > MAX_PLAN_JSON:
+        raise bad(f"is {len(text)} characters (limit {MAX_PLAN_JSON})")
+    try:
+        plan = json.loads(text)
+    except (ValueError, RecursionError):
+        raise bad("is not JSON") from None
+    if not isinstance(plan, dict) or set(plan) - {"selected", "train"}:
+        raise bad("must be an object with only 'selected' and 'train'")
+    selected = plan.get("selected")
+    if selected is not None:
+        if not isinstance(selected, list) or not all(
+            isinstance(d, str) and 0 < len(d) <= 128 for d in selected
+        ):
+            raise bad("'selected' must be a list of device ids")
+        selected = tuple(selected)
+    train = plan.get("train", {})
+    if (
+        not isinstance(train, dict)
+        or len(train) > MAX_TRAIN_SETTINGS
+        or not all(
+            isinstance(k, str)
+            and 0 < len(k) <= MAX_METRIC_NAME
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            for k, v in train.items()
+        )
+    ):
+        raise bad(f"'train' must map at most {MAX_TRAIN_SETTINGS} names to finite numbers")
+    return selected, {k: float(v) for k, v in train.items()}
 
 
 def encode_update(tensors: Mapping[str, torch.Tensor], **fields) -> bytes:

@@ -25,6 +25,7 @@ from broker.connection import ConnectionSettings, ConnectionWatch, connect_async
 from broker.errors import BrokerError, CodecError, ConfigError, DataError, TaskError
 from broker.topics import Topics
 from device_agent.data import DataFile, open_data, shape_for
+from device_agent.hooks import TrainingHooks
 from device_agent.trainer import evaluate, train_local, training_seed
 
 log = logging.getLogger("fedmq.agent")
@@ -196,6 +197,7 @@ class Agent:
                     f"not {self.config.federation!r}",
                     reason="wrong_run",
                 )
+            hooks = TrainingHooks.from_settings(model_msg.train_settings)
         except CodecError as exc:
             log.error("refused a global model (%s): %s", exc.reason, exc)
             self.on_event("model_refused", {"reason": exc.reason})
@@ -217,6 +219,11 @@ class Agent:
             )
             self.on_event("model_refused", {"reason": exc.reason, "arch": arch})
             return False
+        if not model_msg.selects(self.config.device_id):
+            log.info("round %d: not selected this round; waiting for the next", model_msg.round)
+            self._publish_status("skipped", round_=model_msg.round)
+            self.on_event("not_selected", {"round": model_msg.round})
+            return False
         if self._last_update is not None and self._last_update[0] == model_msg.model_hash:
             # The same round again: after a reconnect, a broker restart or a retried round.
             # Send the same bytes once more; the aggregator counts a payload only once.
@@ -225,7 +232,7 @@ class Agent:
             )
             log.info("round %d: model seen again, re-sent the update", model_msg.round)
             return False
-        self._train_and_publish(model_msg)
+        self._train_and_publish(model_msg, hooks)
         self.rounds_trained += 1
         return self.config.max_rounds is not None and self.rounds_trained >= self.config.max_rounds
 
@@ -239,7 +246,7 @@ class Agent:
         model.load_state_dict(msg.tensors, strict=True)
         return model
 
-    def _train_and_publish(self, msg: messages.ModelMessage) -> None:
+    def _train_and_publish(self, msg: messages.ModelMessage, hooks: TrainingHooks) -> None:
         cfg = self.config
         self._publish_status("training", round_=msg.round)
         started = time.monotonic()
@@ -249,7 +256,7 @@ class Agent:
         X = shape_for(data.X, msg.task.model, source)  # flat CSV rows -> cnn1d windows
         before = evaluate(model, X, data.y, msg.task.train, source)  # federated evaluation
         seed = training_seed(msg.task.seed, msg.round, cfg.device_id)
-        result = train_local(model, X, data.y, msg.task.train, seed, source)
+        result = train_local(model, X, data.y, msg.task.train, seed, source, hooks)
         metrics = {
             "train_loss": result.train_loss,
             "eval_loss": before["loss"],

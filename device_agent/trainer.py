@@ -15,6 +15,7 @@ from torch import nn
 
 from broker.errors import DataError
 from broker.task import TrainSpec
+from device_agent.hooks import TrainingHooks
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,18 @@ def train_local(
     train: TrainSpec,
     seed: int,
     source: str = "data",
+    hooks: TrainingHooks = TrainingHooks(),
 ) -> TrainResult:
-    """Run ``train.epochs`` epochs of minibatch training in place."""
+    """Run ``train.epochs`` epochs of minibatch training in place; ``hooks`` are what the
+    round's strategy asks of training (FedProx's proximal term). The reported loss is the
+    task's loss alone, without the proximal term."""
     inputs, targets = tensors_for(model, X, y, train, source)
     n = inputs.shape[0]
     batch = n if train.batch_size in (0, None) or train.batch_size >= n else train.batch_size
     loss_fn = loss_function(train)
     optimizer = make_optimizer(model, train)
     generator = torch.Generator().manual_seed(seed)
+    penalty = hooks.penalty(model)  # anchored at the global model, before any step
     model.train()
     epoch_loss = 0.0
     for _ in range(train.epochs):
@@ -99,7 +104,7 @@ def train_local(
                 continue  # BatchNorm cannot train on a single sample
             optimizer.zero_grad()
             loss = loss_fn(model(inputs[idx]), targets[idx])
-            loss.backward()
+            (loss if penalty is None else loss + penalty(model)).backward()
             optimizer.step()
             per_sample = loss.item() / idx.numel() if train.loss == "mse_sum" else loss.item()
             epoch_loss += per_sample * idx.numel()
