@@ -14,7 +14,6 @@ from pathlib import Path
 
 from aggregator.journal import RoundJournal
 from aggregator.strategies.base import Tensors, Update
-from aggregator.update_matrix import DeltaMatrix
 from broker import messages
 
 
@@ -22,7 +21,8 @@ class _MatrixMixin:
     template: Tensors
     _workdir: Path | None
 
-    def matrix(self, clip_norm: float | None = None) -> DeltaMatrix:
+    def matrix(self, clip_norm: float | None = None):  # -> DeltaMatrix
+        from aggregator.update_matrix import DeltaMatrix  # only strategies that keep all
         if self._workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fedmq-matrix-")
             self._workdir = Path(self._tmp.name)
@@ -43,6 +43,7 @@ class JournalUpdates(_MatrixMixin):
         self.template = template
         self._base_of = base_of
         self._workdir = journal.directory
+        self._seen: dict[str, tuple[int, dict]] = {}  # device -> (samples, metrics), as read
 
     def __len__(self) -> int:
         return len(self.journal.accepted_devices())
@@ -50,6 +51,7 @@ class JournalUpdates(_MatrixMixin):
     def __iter__(self) -> Iterator[Update]:
         for device, payload in self.journal.accepted(by_device=True):
             update = messages.decode_update(payload, max_payload=len(payload))  # checked before
+            self._seen[device] = (update.num_samples, update.metrics)
             yield Update(
                 device=device,
                 num_samples=update.num_samples,
@@ -58,6 +60,14 @@ class JournalUpdates(_MatrixMixin):
                 base=self._base_of(update.round),
                 metrics=update.metrics,
             )
+
+    def summaries(self) -> list[tuple[str, int, dict]]:
+        """(device, samples, metrics) of every accepted update, in device-id order: from
+        the strategy's own reading when it read them all, else read once more."""
+        if set(self._seen) != set(self.journal.accepted_devices()):
+            for _ in self:
+                pass
+        return [(d, *self._seen[d]) for d in sorted(self._seen)]
 
 
 class ListUpdates(_MatrixMixin):

@@ -144,6 +144,7 @@ class Strategy:
     asynchronous = False  # fedbuff: a round closes after buffer_size updates, stale ones count
     max_staleness = 0  # model versions an update may lag behind and still count
     buffer_size: int | None = None  # close after this many accepted updates (fedbuff)
+    min_updates = 1  # a round waits for at least this many updates (Krum: 2f+3)
 
     def __init__(self, params: Params) -> None:
         # usable with any strategy: client sampling and update-norm clipping
