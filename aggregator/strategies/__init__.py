@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aggregator.strategies.base import Params, RoundPlan, Strategy, StrategyError, Update
+from aggregator.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from aggregator.strategies.sums import FedAvg, FedProx
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -17,6 +18,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (
         FedAvg,
         FedProx,
+        FedAvgM,
+        FedAdam,
+        FedYogi,
+        FedAdagrad,
     )
 }
 

@@ -129,6 +129,16 @@ class Params:
             raise StrategyError(f"[strategy] {key} must be an integer >= {low}, got {value!r}")
         return value
 
+    def flag(self, key: str, default: bool) -> bool:
+        """A switch: TOML's true/false (or 1/0)."""
+        self._read.add(key)
+        value = self._table.get(key, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise StrategyError(f"[strategy] {key} must be true or false, got {value!r}")
+
     def done(self, name: str) -> None:
         extra = sorted(set(self._table) - self._read)
         if extra:
