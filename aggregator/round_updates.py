@@ -23,6 +23,7 @@ class _MatrixMixin:
 
     def matrix(self, clip_norm: float | None = None):  # -> DeltaMatrix
         from aggregator.update_matrix import DeltaMatrix  # only strategies that keep all
+
         if self._workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fedmq-matrix-")
             self._workdir = Path(self._tmp.name)
@@ -38,8 +39,10 @@ class JournalUpdates(_MatrixMixin):
         journal: RoundJournal,
         template: Tensors,
         base_of: Callable[[int], Tensors],
+        round_: int,
     ) -> None:
         self.journal = journal
+        self.round = round_  # the round being closed (fedbuff: updates may be older)
         self.template = template
         self._base_of = base_of
         self._workdir = journal.directory
@@ -73,8 +76,15 @@ class JournalUpdates(_MatrixMixin):
 class ListUpdates(_MatrixMixin):
     """Updates held in memory, served in device-id order."""
 
-    def __init__(self, updates: Sequence[Update], template: Tensors, workdir: Path | None = None):
+    def __init__(
+        self,
+        updates: Sequence[Update],
+        template: Tensors,
+        workdir: Path | None = None,
+        round_: int | None = None,
+    ):
         self._updates = sorted(updates, key=lambda u: u.device)
+        self.round = max((u.round for u in updates), default=0) if round_ is None else round_
         self.template = template
         self._workdir = workdir
 

@@ -737,7 +737,7 @@ class Aggregator:
 
     def _complete(self, current: _Round) -> _Round | None:
         self.phase = "aggregating"
-        updates = JournalUpdates(current.journal, self.weights, self._base_of)
+        updates = JournalUpdates(current.journal, self.weights, self._base_of, current.number)
         result = aggregate_round(self.strategy, self.weights, updates)
         self.weights = result.weights
         counts = current.journal.counts()

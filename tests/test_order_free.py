@@ -11,9 +11,9 @@ import random
 
 import torch
 
+from aggregator import strategies
 from aggregator.fedavg import FoldedSum
 from aggregator.journal import RoundJournal, payload_digest
-from aggregator import strategies
 from aggregator.round_updates import JournalUpdates
 from aggregator.service import aggregate_round
 from broker import messages
@@ -97,5 +97,5 @@ def test_a_replayed_journal_gives_the_same_model(tmp_path):
 
 
 def _aggregate(journal: RoundJournal):
-    updates = JournalUpdates(journal, TEMPLATE, base_of=lambda round_: TEMPLATE)
+    updates = JournalUpdates(journal, TEMPLATE, base_of=lambda round_: TEMPLATE, round_=1)
     return aggregate_round(strategies.build({}), TEMPLATE, updates)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aggregator.strategies.base import Params, RoundPlan, Strategy, StrategyError, Update
+from aggregator.strategies.fedbuff import FedBuff
 from aggregator.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from aggregator.strategies.sums import FedAvg, FedProx
 
@@ -18,6 +19,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (
         FedAvg,
         FedProx,
+        FedBuff,
         FedAvgM,
         FedAdam,
         FedYogi,

@@ -57,6 +57,8 @@ class Update:
 class Updates(Protocol):
     """The round's accepted updates, read back from the journal in device-id order."""
 
+    round: int  # the round being closed
+
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[Update]:  # one payload in memory at a time
