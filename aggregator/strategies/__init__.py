@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aggregator.strategies.base import Params, RoundPlan, Strategy, StrategyError, Update
+from aggregator.strategies.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
 from aggregator.strategies.sums import FedAvg, FedProx
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -17,6 +18,11 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (
         FedAvg,
         FedProx,
+        Median,
+        TrimmedMean,
+        Krum,
+        MultiKrum,
+        Bulyan,
     )
 }
 
