@@ -11,6 +11,7 @@ from typing import Any
 
 from aggregator.strategies.base import Params, RoundPlan, Strategy, StrategyError, Update
 from aggregator.strategies.fedbuff import FedBuff
+from aggregator.strategies.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
 from aggregator.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from aggregator.strategies.sums import FedAvg, FedProx
 
@@ -24,6 +25,11 @@ STRATEGIES: dict[str, type[Strategy]] = {
         FedAdam,
         FedYogi,
         FedAdagrad,
+        Median,
+        TrimmedMean,
+        Krum,
+        MultiKrum,
+        Bulyan,
     )
 }
 
