@@ -216,6 +216,14 @@ class Aggregator:
             self.state = self.run_dir.create(spec, self.weights)
             self.spec = spec
         self._refused.update(self.state.totals.get("refused_messages", {}))
+        if self.strategy.min_updates > self.spec.min_devices:
+            log.warning(
+                "%s needs %d updates a round: rounds wait for %d devices (min_devices is %d)",
+                self.strategy.describe(),
+                self.strategy.min_updates,
+                self.strategy.min_updates,
+                self.spec.min_devices,
+            )
         self.task = self.spec.task
         self._task_json = self.task.to_json()
         self._model_hashes: dict[int, str] = {}  # round -> hash of the model it trained from
@@ -703,12 +711,19 @@ class Aggregator:
         if decision == rounds.WAIT:
             return current
         if decision == rounds.SHORT:
+            why = ""
+            if quorum == self.strategy.min_updates and quorum > self.spec.min_devices:
+                why = f" ({self.strategy.describe()} needs {quorum} updates a round)"
             return self._short(
                 current,
-                f"round {current.number}: {current.accepted} of the {quorum} devices needed "
-                f"reported within {current.phase.deadline:g}s",
+                f"round {current.number}: {current.accepted} of the {quorum} devices needed"
+                f"{why} reported within {current.phase.deadline:g}s",
             )
-        return self._complete(current)
+        try:
+            return self._complete(current)
+        except strategies.StrategyError as exc:  # e.g. Bulyan with fewer than 4f+3 updates
+            self.phase = current.phase.state
+            return self._short(current, f"round {current.number}: {exc}")
 
     def _quorum(self, current: _Round) -> int:
         """Accepted updates a round needs: the run's quorum (no more than were selected),

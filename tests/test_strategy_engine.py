@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
 
 from aggregator.checkpoint import RunDir
 from broker.task import TaskSpec
+from fedmq.cli import main
 from fedmq.synthetic import BLOBS_TASK
 from tests.helpers import join, wait_for, write_blobs
 from tests.test_faults import accepted_in, assert_same_model, completed, final_weights, sigkill
@@ -120,3 +122,35 @@ def test_sigkill_then_resume_ends_bit_identical(federation, tmp_path, files, whi
     agg = fed.spawn_aggregator("--run-dir", str(run_dir), "--resume", log=log)
     assert agg.wait(90) == 0, log.read_text()
     assert_same_model(final_weights(run_dir), expected)
+
+
+def test_a_strategy_that_needs_every_update_reads_them_back_from_the_journal(
+    federation, tmp_path, files
+):
+    _, rows = run_in_process(
+        federation, tmp_path, files, {"name": "multi_krum", "f": 0, "m": 2}, "multi_krum"
+    )
+    for row in rows:
+        assert row["strategy"] == "multi_krum" and len(row["chosen"]) == 2, row
+        assert set(row["chosen"]) <= set(row["contributors"]), row
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ('name = "fedadam"\neta = -1', "[strategy] eta must be > 0, got -1"),
+        ('name = "fedadam"\netaa = 1', "[strategy] key(s) etaa mean nothing to strategy"),
+        ('name = "fedsomething"', "[strategy] name must be one of bulyan, fedadagrad"),
+        ('name = "fedbuff"\nfraction = 0.5', "[strategy] fraction: fedbuff does not sample"),
+    ],
+)
+def test_a_bad_strategy_table_is_refused_before_anything_is_written(tmp_path, table, message):
+    task = tmp_path / "task.toml"
+    task.write_text(BLOBS_TASK + "[strategy]\n" + table + "\n")
+    run_dir = tmp_path / "run"
+    args = ["aggregator", "start", "--task", str(task), "--insecure", "--federation", "x"]
+    args += ["--broker", "127.0.0.1:1", "--run-dir", str(run_dir)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not run_dir.exists()

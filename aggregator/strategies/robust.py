@@ -204,6 +204,10 @@ class Krum(Strategy):
         self.f = params.integer("f", 1, low=0)
         self.last_selected: tuple[str, ...] = ()
 
+    @property
+    def min_updates(self) -> int:
+        return 2 * self.f + 3
+
     def _check(self, n: int) -> None:
         _need(n, 2 * self.f + 3, f"{self.name} with f={self.f}", "2f+3")
 
@@ -232,6 +236,10 @@ class MultiKrum(Krum):
         super().__init__(params)
         self.m = params.integer("m", None, low=1)
 
+    @property
+    def min_updates(self) -> int:
+        return max(2 * self.f + 3, self.m or 0)
+
     def _check(self, n: int) -> None:
         super()._check(n)
         if self.m is not None:
@@ -252,6 +260,10 @@ class Bulyan(Krum):
     the mean of the beta = theta - 2f values closest to their median; needs n >= 4f + 3."""
 
     name = "bulyan"
+
+    @property
+    def min_updates(self) -> int:
+        return 4 * self.f + 3
 
     def _check(self, n: int) -> None:
         _need(n, 4 * self.f + 3, f"bulyan with f={self.f}", "4f+3")
