@@ -154,3 +154,20 @@ def test_a_bad_strategy_table_is_refused_before_anything_is_written(tmp_path, ta
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output
     assert not run_dir.exists()
+
+
+def test_fedprox_asks_the_devices_for_its_proximal_term_over_the_wire(federation, tmp_path, files):
+    """A large mu (lr * mu = 0.5: stable SGD) pins every device to the global model: the run barely moves from the
+    initial weights, which it would not if the setting never reached the devices."""
+    pinned, rows = run_in_process(
+        federation, tmp_path, files, {"name": "fedprox", "mu": 5.0}, "fedprox"
+    )
+    free, _ = run_in_process(federation, tmp_path, files, {"name": "fedprox", "mu": 0.0}, "free")
+    initial = RunDir(tmp_path / "fedprox").checkpoint(0)
+
+    def moved(weights) -> float:
+        return sum(float((weights[k].double() - initial[k].double()).norm()) for k in initial)
+
+    print(f"moved from the initial model: mu=5 {moved(pinned):.4f}, mu=0 {moved(free):.4f}")
+    assert [r["strategy"] for r in rows] == ["fedprox"] * ROUNDS
+    assert moved(pinned) < 0.25 * moved(free)
