@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from aggregator.fedavg import cast_to
 from broker.errors import TaskError
 
 Tensors = dict[str, torch.Tensor]
@@ -206,13 +207,4 @@ def sample_devices(
 
 def cast_like(values: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> Tensors:
     """float64 results back to the model's dtypes (integer buffers rounded, bools thresholded)."""
-    out = {}
-    for name, value in values.items():
-        dtype = template[name].dtype
-        if dtype.is_floating_point:
-            out[name] = value.to(dtype)
-        elif dtype == torch.bool:
-            out[name] = value >= 0.5
-        else:
-            out[name] = torch.round(value).to(dtype)
-    return out
+    return cast_to(values, {name: template[name].dtype for name in values})
