@@ -46,7 +46,7 @@ class JournalUpdates(_MatrixMixin):
         self.template = template
         self._base_of = base_of
         self._workdir = journal.directory
-        self._seen: dict[str, tuple[int, dict]] = {}  # device -> (samples, metrics), as read
+        self._seen: dict[str, tuple[int, dict, int]] = {}  # device -> (samples, metrics, round)
 
     def __len__(self) -> int:
         return len(self.journal.accepted_devices())
@@ -54,7 +54,7 @@ class JournalUpdates(_MatrixMixin):
     def __iter__(self) -> Iterator[Update]:
         for device, payload in self.journal.accepted(by_device=True):
             update = messages.decode_update(payload, max_payload=len(payload))  # checked before
-            self._seen[device] = (update.num_samples, update.metrics)
+            self._seen[device] = (update.num_samples, update.metrics, update.round)
             yield Update(
                 device=device,
                 num_samples=update.num_samples,
@@ -64,8 +64,8 @@ class JournalUpdates(_MatrixMixin):
                 metrics=update.metrics,
             )
 
-    def summaries(self) -> list[tuple[str, int, dict]]:
-        """(device, samples, metrics) of every accepted update, in device-id order: from
+    def summaries(self) -> list[tuple[str, int, dict, int]]:
+        """(device, samples, metrics, round trained for) of every accepted update, in device-id order: from
         the strategy's own reading when it read them all, else read once more."""
         if set(self._seen) != set(self.journal.accepted_devices()):
             for _ in self:

@@ -134,10 +134,13 @@ def aggregate_round(
     updates arrived in another order) ends with exactly the model of an uninterrupted one."""
     weights = strategy.aggregate(current, updates)
     means, rows, samples = WeightedMetrics(), [], 0
-    for device, num_samples, metrics in updates.summaries():
+    for device, num_samples, metrics, trained_for in updates.summaries():
         means.fold(metrics, num_samples)
         samples += num_samples
-        rows.append({"device": device, "num_samples": num_samples, "metrics": metrics})
+        row = {"device": device, "num_samples": num_samples, "metrics": metrics}
+        if trained_for != updates.round:  # fedbuff: a stale update, trained on an older model
+            row["staleness"] = updates.round - trained_for
+        rows.append(row)
     return RoundResult(
         weights=weights,
         devices=[row["device"] for row in rows],

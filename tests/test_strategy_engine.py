@@ -157,8 +157,9 @@ def test_a_bad_strategy_table_is_refused_before_anything_is_written(tmp_path, ta
 
 
 def test_fedprox_asks_the_devices_for_its_proximal_term_over_the_wire(federation, tmp_path, files):
-    """A large mu (lr * mu = 0.5: stable SGD) pins every device to the global model: the run barely moves from the
-    initial weights, which it would not if the setting never reached the devices."""
+    """A large mu (lr * mu = 0.5: stable SGD) pins every device to the global model: the
+    run barely moves from the initial weights, which it would not if the setting never
+    reached the devices."""
     pinned, rows = run_in_process(
         federation, tmp_path, files, {"name": "fedprox", "mu": 5.0}, "fedprox"
     )
@@ -171,3 +172,35 @@ def test_fedprox_asks_the_devices_for_its_proximal_term_over_the_wire(federation
     print(f"moved from the initial model: mu=5 {moved(pinned):.4f}, mu=0 {moved(free):.4f}")
     assert [r["strategy"] for r in rows] == ["fedprox"] * ROUNDS
     assert moved(pinned) < 0.25 * moved(free)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 3])
+def test_fedbuff_does_not_wait_for_a_slow_device_and_weighs_its_stale_updates(
+    federation, tmp_path, files, max_staleness
+):
+    """dev3 trains 4x longer than the others: buffers of 2 fill without it. Its updates,
+    trained on models a version or more old, count down-weighted within max_staleness,
+    and are late (never folded) beyond it."""
+    name = f"stale{max_staleness}"
+    strategy = {"name": "fedbuff", "buffer_size": 2, "max_staleness": max_staleness}
+    fed = federation(devices=DEVICES, name=name)
+    task = TaskSpec.load(task_file(tmp_path / f"{name}.toml", strategy))
+    agg = fed.aggregator(tmp_path / name, task, rounds=6, min_devices=1, deadline=None)
+    thread = fed.in_thread(agg.run, timeout=120)
+    for d in DEVICES:
+        fed.in_thread(fed.agent(d, files[d], exit_when_done=True).run, timeout=120)
+    assert join(thread, 150) == 0
+    rows = RunDir(tmp_path / name).metrics()
+    device_rows = [
+        json.loads(line) for line in (tmp_path / name / "devices.jsonl").read_text().splitlines()
+    ]
+    stale = [(r["round"], r["device"], r["staleness"]) for r in device_rows if "staleness" in r]
+    print(f"max_staleness={max_staleness}: contributors", [r["contributors"] for r in rows])
+    print("stale updates folded (round, device, staleness):", stale)
+    assert all(len(r["contributors"]) == 2 for r in rows)
+    assert all(s <= max_staleness for _, _, s in stale)
+    if max_staleness == 0:
+        assert not stale
+        assert agg.state.totals.get("late", 0) >= 1  # dev3's, refused as too old
+    else:
+        assert any(device == "dev3" for _, device, _ in stale), stale
