@@ -47,6 +47,9 @@ class AgentConfig:
     # "package.module:function"); a model's task can only name one, never bring code
     architectures: Mapping[str, Callable | str] | None = None
     insecure: bool = False  # allow running without sign / verify_model (logs a warning)
+    # demos and tests of robust aggregation only: (global, trained) -> the weights sent
+    # instead of the honest ones, e.g. device_agent.attacks.Attacker; signed like any update
+    poison: Callable[[dict, dict], dict] | None = None
 
 
 class Agent:
@@ -265,6 +268,8 @@ class Agent:
         if "accuracy" in before:
             metrics["eval_accuracy"] = before["accuracy"]
         tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if cfg.poison is not None:
+            tensors = self._poisoned(msg, tensors)
         meta = messages.update_metadata(
             round_=msg.round,
             device_id=cfg.device_id,
@@ -289,6 +294,17 @@ class Agent:
             len(payload),
         )
         self.on_event("trained", {"round": msg.round, "metrics": metrics, "mid": info.mid})
+
+    def _poisoned(self, msg: messages.ModelMessage, tensors: dict) -> dict:
+        """The attacker's update in place of the honest one, trained first like any other."""
+        poisoned = self.config.poison(msg.tensors, tensors)
+        what = getattr(self.config.poison, "describe", lambda: repr(self.config.poison))()
+        log.warning(
+            "ATTACKER: round %d: sending a poisoned update (%s) instead of the honest one",
+            msg.round,
+            what,
+        )
+        return poisoned
 
     def _status_payload(self, status: str, round_: int | None = None) -> bytes:
         capabilities = {"torch": torch.__version__, "machine": platform.machine()}
