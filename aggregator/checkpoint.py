@@ -4,6 +4,8 @@
       run.json                      federation, task, rounds, quorum: fixed at start
       state.json                    last completed round, its checkpoint, running totals
       checkpoints/round-000003.safetensors   global model after round 3 (round-000000: initial)
+      checkpoints/strategy-000003.safetensors  the strategy's state after round 3 (server
+                                    optimizer moments), for the strategies that keep one
       metrics.jsonl                 one line per completed round (device means under "metrics")
       devices.jsonl                 one line per (round, device): its samples and metrics
       rounds/000004/                journal of the round in progress (see journal.py)
@@ -78,6 +80,22 @@ class RunDir:
     def checkpoint_path(self, round_: int) -> Path:
         return self.path / "checkpoints" / f"round-{round_:06d}.safetensors"
 
+    def strategy_path(self, round_: int) -> Path:
+        return self.path / "checkpoints" / f"strategy-{round_:06d}.safetensors"
+
+    def checkpoint(self, round_: int) -> dict[str, torch.Tensor]:
+        """The global model after ``round_`` (0: the initial one)."""
+        payload = self.checkpoint_path(round_).read_bytes()
+        return codec.decode(payload, max_payload=len(payload)).tensors
+
+    def strategy_state(self, round_: int) -> dict[str, torch.Tensor]:
+        """The strategy's state after ``round_``; {} if it keeps none."""
+        path = self.strategy_path(round_)
+        if not path.exists():
+            return {}
+        payload = path.read_bytes()
+        return codec.decode(payload, max_payload=len(payload)).tensors
+
     def exists(self) -> bool:
         return self.run_json.exists()
 
@@ -115,10 +133,15 @@ class RunDir:
         tensors: dict[str, torch.Tensor],
         metrics: dict | None,
         device_rows: list[dict] = (),
+        strategy_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Persist round ``completed_round``: checkpoint, metrics lines, then state.json."""
+        """Persist round ``completed_round``: checkpoint and strategy state, metrics lines,
+        then state.json (which makes them the run's)."""
         path = self.checkpoint_path(completed_round)
         atomic_write(path, codec.encode(tensors, {"round": str(completed_round)}))
+        if strategy_state:
+            meta = {"round": str(completed_round)}
+            atomic_write(self.strategy_path(completed_round), codec.encode(strategy_state, meta))
         if device_rows:
             text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in device_rows)
             append_line(self.devices_jsonl, text.rstrip("\n"))

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-Tensors = Mapping[str, torch.Tensor]
+Tensors = dict[str, torch.Tensor]
 
 
 class FoldedSum:
@@ -43,17 +43,22 @@ class FoldedSum:
     def average(self) -> dict[str, torch.Tensor]:
         if self.total_weight == 0:
             raise ValueError("nothing folded yet")
-        out = {}
-        for name, acc in self._sum.items():
-            mean = acc / self.total_weight
-            dtype = self._dtypes[name]
-            if dtype.is_floating_point:
-                out[name] = mean.to(dtype)
-            elif dtype == torch.bool:
-                out[name] = mean >= 0.5
-            else:
-                out[name] = torch.round(mean).to(dtype)
-        return out
+        means = {name: acc / self.total_weight for name, acc in self._sum.items()}
+        return cast_to(means, self._dtypes)
+
+
+def cast_to(values: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> Tensors:
+    """float64 results back to the model's dtypes (integer buffers rounded, bools thresholded)."""
+    out = {}
+    for name, value in values.items():
+        dtype = dtypes[name]
+        if dtype.is_floating_point:
+            out[name] = value.to(dtype)
+        elif dtype == torch.bool:
+            out[name] = value >= 0.5
+        else:
+            out[name] = torch.round(value).to(dtype)
+    return out
 
 
 def fedavg(updates: Iterable[tuple[Tensors, int]]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from aggregator.journal import RoundJournal
 from aggregator.strategies.base import Tensors, Update
-from aggregator.update_matrix import DeltaMatrix
 from broker import messages
 
 
@@ -22,7 +21,9 @@ class _MatrixMixin:
     template: Tensors
     _workdir: Path | None
 
-    def matrix(self, clip_norm: float | None = None) -> DeltaMatrix:
+    def matrix(self, clip_norm: float | None = None):  # -> DeltaMatrix
+        from aggregator.update_matrix import DeltaMatrix  # only strategies that keep all
+
         if self._workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fedmq-matrix-")
             self._workdir = Path(self._tmp.name)
@@ -38,11 +39,14 @@ class JournalUpdates(_MatrixMixin):
         journal: RoundJournal,
         template: Tensors,
         base_of: Callable[[int], Tensors],
+        round_: int,
     ) -> None:
         self.journal = journal
+        self.round = round_  # the round being closed (fedbuff: updates may be older)
         self.template = template
         self._base_of = base_of
         self._workdir = journal.directory
+        self._seen: dict[str, tuple[int, dict]] = {}  # device -> (samples, metrics), as read
 
     def __len__(self) -> int:
         return len(self.journal.accepted_devices())
@@ -50,6 +54,7 @@ class JournalUpdates(_MatrixMixin):
     def __iter__(self) -> Iterator[Update]:
         for device, payload in self.journal.accepted(by_device=True):
             update = messages.decode_update(payload, max_payload=len(payload))  # checked before
+            self._seen[device] = (update.num_samples, update.metrics)
             yield Update(
                 device=device,
                 num_samples=update.num_samples,
@@ -59,12 +64,27 @@ class JournalUpdates(_MatrixMixin):
                 metrics=update.metrics,
             )
 
+    def summaries(self) -> list[tuple[str, int, dict]]:
+        """(device, samples, metrics) of every accepted update, in device-id order: from
+        the strategy's own reading when it read them all, else read once more."""
+        if set(self._seen) != set(self.journal.accepted_devices()):
+            for _ in self:
+                pass
+        return [(d, *self._seen[d]) for d in sorted(self._seen)]
+
 
 class ListUpdates(_MatrixMixin):
     """Updates held in memory, served in device-id order."""
 
-    def __init__(self, updates: Sequence[Update], template: Tensors, workdir: Path | None = None):
+    def __init__(
+        self,
+        updates: Sequence[Update],
+        template: Tensors,
+        workdir: Path | None = None,
+        round_: int | None = None,
+    ):
         self._updates = sorted(updates, key=lambda u: u.device)
+        self.round = max((u.round for u in updates), default=0) if round_ is None else round_
         self.template = template
         self._workdir = workdir
 

@@ -32,18 +32,26 @@ def admit(
     accepted_devices: Collection[str],
     binding: tuple[str, str] = ("", ""),
     expected_binding: tuple[str, str] = ("", ""),
+    selected: Collection[str] | None = None,
+    stale_window: Mapping[int, str] | None = None,
 ) -> Verdict:
     """Whether a well-formed, signature-checked update counts in the current round.
 
-    ``binding`` is the update's (federation, run id), ``expected_binding`` this run's."""
+    ``binding`` is the update's (federation, run id), ``expected_binding`` this run's;
+    ``selected`` the devices sampled for the round (None: all); ``stale_window`` maps
+    earlier rounds whose updates still count (fedbuff) to their models' hashes."""
     if meta_device != topic_device:
         return Verdict(REJECTED, "wrong_device")
     if binding != expected_binding:
         return Verdict(REJECTED, "wrong_run")
-    if update_round < current_round:
+    if update_round < current_round and update_round in (stale_window or {}):
+        current_hash = stale_window[update_round]  # trained on an older model: still counts
+    elif update_round < current_round:
         return Verdict(LATE)
-    if update_round > current_round:
+    elif update_round > current_round:
         return Verdict(REJECTED, "future_round")
+    elif selected is not None and topic_device not in selected:
+        return Verdict(REJECTED, "not_selected")
     if base_hash != current_hash:
         return Verdict(REJECTED, "stale")
     if topic_device in accepted_devices:
@@ -92,11 +100,16 @@ def close_decision(
     reporters: Collection[str],
     elapsed: float,
     deadline: float | None,
+    buffer_size: int | None = None,
 ) -> str:
-    """CLOSE when the quorum is met and every present device has reported, or at the
-    deadline with the quorum; SHORT at the deadline without it; else WAIT."""
+    """CLOSE when the quorum is met and every present device has reported (or, with a
+    ``buffer_size``, as soon as that many updates are in), or at the deadline with the
+    quorum; SHORT at the deadline without it; else WAIT."""
     quorum = accepted >= min_devices
-    if quorum and set(present) <= set(reporters):
+    if buffer_size is not None:
+        if accepted >= buffer_size:
+            return CLOSE
+    elif quorum and set(present) <= set(reporters):
         return CLOSE
     if deadline is not None and elapsed >= deadline:
         return CLOSE if quorum else SHORT

@@ -1,11 +1,15 @@
-"""The aggregator process: announce, collect, aggregate, persist, repeat.
+"""The aggregator process: the round engine. Plan, announce, collect, aggregate, persist.
 
 The paho network thread only queues messages. This module's loop decodes and
 validates each update (codec + ``rounds.admit``), writes its fate to the round's
-journal, folds it into the running sum and only then acknowledges it to the
+journal (the accepted payloads with it) and only then acknowledges it to the
 broker (manual acks), so a crash at any moment loses nothing and counts nothing
 twice: unacknowledged updates are redelivered to the persistent session, and
 the journal recognises the ones already accounted for.
+
+A round is a sequence of phases (``aggregator/phases.py``); the engine knows no
+strategy's math: the strategy (``aggregator/strategies/``) plans the round and
+turns its accepted updates, read back from the journal, into the next model.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import torch
 
-from aggregator import rounds
+from aggregator import rounds, strategies
 from aggregator.checkpoint import RunDir, RunSpec
-from aggregator.fedavg import FoldedSum, WeightedMetrics
+from aggregator.fedavg import WeightedMetrics
 from aggregator.inbox import Inbound, Inbox
 from aggregator.journal import RoundJournal, payload_digest
+from aggregator.phases import Phase, load_plan, round_phases, save_plan
+from aggregator.round_updates import JournalUpdates
+from aggregator.strategies.base import RoundPlan, Strategy
 from broker import codec, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import CodecError, ConfigError, FedmqError
@@ -49,6 +56,8 @@ MAX_TRACKED_DEVICES = 100_000  # device statuses kept; more ids are refused "too
 CONNECT_TIMEOUT = 30.0  # seconds to reach the broker at start-up before giving up
 HEARTBEAT = 10.0  # seconds between re-publications of the presence and state
 FINAL_PUBLISH_TIMEOUT = 300.0  # seconds to keep trying to publish the final model
+SELECT_SETTLE = 1.0  # seconds a sampled round waits for devices' statuses before drawing
+AVAILABLE = ("online", "training", "skipped")  # devices a round may sample
 
 
 @dataclass(frozen=True)
@@ -81,14 +90,26 @@ class AggregatorConfig:
 class _Round:
     number: int
     model_hash: str
-    model_payload: bytes
     journal: RoundJournal
+    phases: tuple[Phase, ...]
+    plan: RoundPlan | None = None  # drawn in the "select" phase, or at "train"
+    model_payload: bytes | None = None  # made (with the plan) when the model is announced
+    phase_index: int = 0
     opened: float = field(default_factory=time.monotonic)
+    phase_started: float = field(default_factory=time.monotonic)
     flooding: set[str] = field(default_factory=set)  # devices over their journal bound
 
     @property
     def accepted(self) -> int:
         return len(self.journal.accepted_devices())
+
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self.phase_index]
+
+    @property
+    def selected(self) -> tuple[str, ...] | None:
+        return None if self.plan is None else self.plan.selected
 
 
 @dataclass(frozen=True)
@@ -102,25 +123,25 @@ class RoundResult:
     device_rows: list[dict]
 
 
-def aggregate_round(journal: RoundJournal, template: dict[str, torch.Tensor]) -> RoundResult:
-    """FedAvg of the round's accepted updates, folded in device-id order from the journal.
+def aggregate_round(
+    strategy: Strategy, current: dict[str, torch.Tensor], updates: JournalUpdates
+) -> RoundResult:
+    """The strategy's next model from the round's accepted updates, read back from the
+    journal in device-id order, and the devices' metrics beside it.
 
-    A float sum depends on the order of its terms; folding in a canonical order makes the
+    A float sum depends on the order of its terms; reading in a canonical order makes the
     result a function of the set of updates alone, so a run resumed after a crash (whose
-    updates arrived in another order) ends with exactly the model of an uninterrupted one.
-    One update is in memory at a time."""
-    folded, means, rows = FoldedSum(template), WeightedMetrics(), []
-    for device, payload in journal.accepted(by_device=True):
-        update = messages.decode_update(payload, max_payload=len(payload))  # validated before
-        folded.fold(update.tensors, update.num_samples)
-        means.fold(update.metrics, update.num_samples)
-        rows.append(
-            {"device": device, "num_samples": update.num_samples, "metrics": update.metrics}
-        )
+    updates arrived in another order) ends with exactly the model of an uninterrupted one."""
+    weights = strategy.aggregate(current, updates)
+    means, rows, samples = WeightedMetrics(), [], 0
+    for device, num_samples, metrics in updates.summaries():
+        means.fold(metrics, num_samples)
+        samples += num_samples
+        rows.append({"device": device, "num_samples": num_samples, "metrics": metrics})
     return RoundResult(
-        weights=folded.average(),
+        weights=weights,
         devices=[row["device"] for row in rows],
-        samples=folded.total_weight,
+        samples=samples,
         metrics=means.means(),
         device_rows=rows,
     )
@@ -178,9 +199,12 @@ class Aggregator:
             }
             if changes:  # e.g. more rounds for a finished run
                 self.spec = RunSpec(**{**self.spec.__dict__, **changes})
+            self.strategy = strategies.build(self.spec.task.strategy)
+            self.strategy.load_state(self.run_dir.strategy_state(self.state.completed_round))
         else:
             if config.task is None:
                 raise FedmqError("a new run needs a task (--task FILE)")
+            self.strategy = strategies.build(config.task.strategy)  # refuse before writing
             spec = RunSpec(
                 federation=config.federation,
                 task_json=config.task.to_json(),
@@ -192,7 +216,18 @@ class Aggregator:
             self.state = self.run_dir.create(spec, self.weights)
             self.spec = spec
         self._refused.update(self.state.totals.get("refused_messages", {}))
+        if self.strategy.min_updates > self.spec.min_devices:
+            log.warning(
+                "%s needs %d updates a round: rounds wait for %d devices (min_devices is %d)",
+                self.strategy.describe(),
+                self.strategy.min_updates,
+                self.strategy.min_updates,
+                self.spec.min_devices,
+            )
         self.task = self.spec.task
+        self._task_json = self.task.to_json()
+        self._model_hashes: dict[int, str] = {}  # round -> hash of the model it trained from
+        self._bases: dict[int, dict] = {}  # round -> that model (fedbuff's stale updates)
         self.schema = codec.schema_of(self.weights)
         metrics = self.run_dir.metrics()
         self._last_metrics = metrics[-1] if metrics else {}
@@ -344,8 +379,8 @@ class Aggregator:
             self._process_batch(current)
             if self._reannounce.is_set():
                 self._announce(current)
-            if self.phase == "collecting":
-                current = self._maybe_close(current)
+            if self.phase == current.phase.state:  # not paused, not aggregating
+                current = getattr(self, f"_phase_{current.phase.name}")(current)
             self._heartbeat()
             self._publish_state()
             self.current = current
@@ -354,17 +389,75 @@ class Aggregator:
         if number > self.spec.rounds:
             self._finish()
             return None
-        payload, digest = self._encode_model(number)
         journal = RoundJournal.open(self.run_dir.path, number)
-        current = _Round(number, digest, payload, journal)
-        self._announce(current)
-        self.phase = "collecting"
-        self._state_dirty = True
-        log.info("round %d: announced model %s (%d bytes)", number, digest[:12], len(payload))
+        current = _Round(
+            number,
+            self._model_hash(number),
+            journal,
+            round_phases(self.strategy, self.config.deadline),
+            plan=load_plan(journal.directory),  # a restarted round tells the devices the same
+        )
+        if current.plan is not None:  # drawn before the crash: straight to training
+            current.phase_index = len(current.phases) - 1
         self.on_event("round_open", {"round": number, "replayed": current.accepted})
+        self._enter_phase(current)
         return current
 
-    def _encode_model(self, number: int, final: bool = False) -> tuple[bytes, str]:
+    def _enter_phase(self, current: _Round) -> None:
+        current.phase_started = time.monotonic()
+        self.phase = current.phase.state
+        self._state_dirty = True
+        if current.phase.name == "train":
+            if current.plan is None:
+                current.plan = self.strategy.plan(current.number, (), self.task.seed)
+                save_plan(current.journal.directory, current.plan)
+            current.model_payload, _ = self._encode_model(current.number, plan=current.plan)
+            self._announce(current)
+            log.info(
+                "round %d: announced model %s (%d bytes)%s",
+                current.number,
+                current.model_hash[:12],
+                len(current.model_payload),
+                "" if current.selected is None else f" to {len(current.selected)} devices",
+            )
+
+    def _next_phase(self, current: _Round) -> None:
+        current.phase_index += 1
+        self._enter_phase(current)
+
+    def _model_hash(self, number: int) -> str:
+        """The hash of round ``number``'s model (the checkpoint of the round before)."""
+        if number not in self._model_hashes:
+            weights = self.weights if number == self.state.completed_round + 1 else None
+            if weights is None:
+                weights = self._base_of(number)
+            self._model_hashes[number] = messages.model_hash(
+                weights,
+                number,
+                self._task_json,
+                federation=self.config.federation,
+                run_id=self.spec.run_id,
+            )
+        return self._model_hashes[number]
+
+    def _base_of(self, number: int) -> dict[str, torch.Tensor]:
+        """The model that round ``number``'s devices trained from."""
+        if number == self.state.completed_round + 1:
+            return self.weights
+        if number not in self._bases:
+            self._bases[number] = self.run_dir.checkpoint(number - 1)  # cleared at close
+        return self._bases[number]
+
+    def _stale_window(self, current: _Round) -> dict[int, str] | None:
+        """Earlier rounds whose updates still count (fedbuff), with their models' hashes."""
+        oldest = max(1, current.number - self.strategy.max_staleness)
+        if oldest >= current.number:
+            return None
+        return {r: self._model_hash(r) for r in range(oldest, current.number)}
+
+    def _encode_model(
+        self, number: int, final: bool = False, plan: RoundPlan | None = None
+    ) -> tuple[bytes, str]:
         return messages.encode_model(
             self.weights,
             number,
@@ -372,15 +465,39 @@ class Aggregator:
             final=final,
             federation=self.config.federation,
             run_id=self.spec.run_id,
+            plan=None if plan is None else plan.to_json(),
             sign=self.config.sign_model,
         )
 
     def _announce(self, current: _Round) -> None:
         """(Re)publish the round's model, retained: after a reconnect, devices that trained
-        already re-send their update (counted once), the others start training."""
+        already re-send their update (counted once), the others start training. Before the
+        round's plan is drawn there is nothing new to announce."""
         self._reannounce.clear()
+        if current.model_payload is None:
+            return
         self.client.publish(self.topics.model, current.model_payload, qos=1, retain=True)
         self.on_event("announce", {"round": current.number})
+
+    def _phase_select(self, current: _Round) -> _Round:
+        """Client sampling: once enough devices are known to be up, draw the round's sample."""
+        available = sorted(d for d, s in self.status.items() if s in AVAILABLE)
+        needed = max(self.spec.min_devices, self.strategy.min_selected)
+        waited = time.monotonic() - current.phase_started
+        if len(available) < needed or waited < SELECT_SETTLE:
+            return current
+        current.plan = self.strategy.plan(current.number, available, self.task.seed)
+        save_plan(current.journal.directory, current.plan)
+        log.info(
+            "round %d: selected %d of %d available devices: %s",
+            current.number,
+            len(current.selected),
+            len(available),
+            ", ".join(current.selected),
+        )
+        self.on_event("selected", {"round": current.number, "devices": list(current.selected)})
+        self._next_phase(current)
+        return current
 
     def _process_batch(self, current: _Round, limit: int = 256) -> None:
         """Handle what has arrived, make its fate durable with one commit, then ack it all."""
@@ -475,10 +592,10 @@ class Aggregator:
             log.warning("ignored control command %r: %s", command, why_not)
             self._count_refused("control", "not_for_us")
             return
-        if command == "pause" and self.phase == "collecting":
+        if command == "pause" and self.phase in ("collecting", "selecting"):
             self.phase = "paused"
         elif command == "resume" and self.phase == "paused":
-            self.phase = "collecting"
+            self.phase = self.current.phase.state if self.current else "collecting"
         elif command == "stop":
             self._stop.set()
         else:
@@ -523,6 +640,8 @@ class Aggregator:
                 accepted_devices=current.journal.accepted_devices(),
                 binding=(update.federation, update.run_id),
                 expected_binding=(self.config.federation, self.spec.run_id),
+                selected=current.selected,
+                stale_window=self._stale_window(current),
             )
             if verdict.reason != "wrong_device" and self.config.verify_update is not None:
                 # before any accounting: an unsigned or forged copy is nobody's report
@@ -567,7 +686,8 @@ class Aggregator:
             },
         )
 
-    def _maybe_close(self, current: _Round) -> _Round | None:
+    def _phase_train(self, current: _Round) -> _Round | None:
+        """Close the round when the strategy's close rule holds, retry or stop when short."""
         present = rounds.present_devices(
             self.status,
             self._offline_at,
@@ -576,33 +696,64 @@ class Aggregator:
             now=time.monotonic(),
             grace=RECONNECT_GRACE,
         )
+        if current.selected is not None:
+            present &= set(current.selected)
+        quorum = self._quorum(current)
         decision = rounds.close_decision(
             accepted=current.accepted,
-            min_devices=self.spec.min_devices,
+            min_devices=quorum,
             present=present,
             reporters=current.journal.reporters(),
-            elapsed=time.monotonic() - current.opened,
-            deadline=self.config.deadline,
+            elapsed=time.monotonic() - current.phase_started,
+            deadline=current.phase.deadline,
+            buffer_size=self.strategy.buffer_size,
         )
         if decision == rounds.WAIT:
             return current
         if decision == rounds.SHORT:
-            message = (
-                f"round {current.number}: {current.accepted} of the "
-                f"{self.spec.min_devices} devices needed reported within {self.config.deadline:g}s"
+            why = ""
+            if quorum == self.strategy.min_updates and quorum > self.spec.min_devices:
+                why = f" ({self.strategy.describe()} needs {quorum} updates a round)"
+            return self._short(
+                current,
+                f"round {current.number}: {current.accepted} of the {quorum} devices needed"
+                f"{why} reported within {current.phase.deadline:g}s",
             )
-            if self.config.on_short == "stop":
-                raise FedmqError(message + "; stopping (resume with --resume)")
-            log.warning("%s; announcing the round again", message)
-            self.on_event("retry", {"round": current.number})
-            current.opened = time.monotonic()
+        try:
+            return self._complete(current)
+        except strategies.StrategyError as exc:  # e.g. Bulyan with fewer than 4f+3 updates
+            self.phase = current.phase.state
+            return self._short(current, f"round {current.number}: {exc}")
+
+    def _quorum(self, current: _Round) -> int:
+        """Accepted updates a round needs: the run's quorum (no more than were selected),
+        and at least what the strategy needs (Krum 2f+3, Bulyan 4f+3)."""
+        quorum = self.spec.min_devices
+        if current.selected is not None:
+            quorum = min(quorum, len(current.selected))
+        return max(quorum, self.strategy.min_updates)
+
+    def _short(self, current: _Round, message: str) -> _Round:
+        """At the deadline without enough updates: stop, or start the round over (a sampled
+        round draws its sample again, from the devices up now)."""
+        if self.config.on_short == "stop":
+            raise FedmqError(message + "; stopping (resume with --resume)")
+        log.warning("%s; announcing the round again", message)
+        self.on_event("retry", {"round": current.number})
+        current.opened = time.monotonic()
+        if current.phases[0].name == "select" and current.phase_index > 0:
+            current.phase_index, current.plan, current.model_payload = 0, None, None
+            (current.journal.directory / "plan.json").unlink(missing_ok=True)
+            self._enter_phase(current)
+        else:
+            current.phase_started = time.monotonic()
             self._announce(current)
-            return current
-        return self._complete(current)
+        return current
 
     def _complete(self, current: _Round) -> _Round | None:
         self.phase = "aggregating"
-        result = aggregate_round(current.journal, self.weights)
+        updates = JournalUpdates(current.journal, self.weights, self._base_of, current.number)
+        result = aggregate_round(self.strategy, self.weights, updates)
         self.weights = result.weights
         counts = current.journal.counts()
         totals = self.state.totals
@@ -621,15 +772,34 @@ class Aggregator:
             "seconds": round(time.monotonic() - current.opened, 3),
             "rejected": dict(counts["rejected"]),
             "metrics": result.metrics,
+            "strategy": self.strategy.name,
         }
+        if current.selected is not None:
+            row["selected"] = list(current.selected)
+        chosen = getattr(self.strategy, "last_selected", None)  # Krum's pick, say
+        if chosen is not None:
+            row["chosen"] = list(chosen)
         device_rows = [{"round": current.number, **r} for r in result.device_rows]
-        self.run_dir.commit(self.state, current.number, self.weights, row, device_rows)
+        self.run_dir.commit(
+            self.state,
+            current.number,
+            self.weights,
+            row,
+            device_rows,
+            strategy_state=self.strategy.state(),
+        )
         self._previous_digests = {
             e["digest"] for e in current.journal.entries if e["outcome"] == rounds.ACCEPTED
         }
         current.journal.remove()
         self._last_metrics = row
-        log.info("round %d: aggregated %d updates", current.number, len(result.devices))
+        self._bases.clear()
+        log.info(
+            "round %d: aggregated %d updates (%s)",
+            current.number,
+            len(result.devices),
+            self.strategy.name,
+        )
         self.on_event("round_done", row)
         if self.config.stop_after is not None and current.number >= self.config.stop_after:
             self._stop.set()
@@ -711,6 +881,9 @@ class Aggregator:
             "rounds": self.spec.rounds,
             "completed_rounds": self.state.completed_round,
             "phase": self.phase,
+            "strategy": self.strategy.name,
+            "round_phase": self.current.phase.name if self.current is not None else None,
+            "selected": None if self.current is None else self.current.selected,
             "min_devices": self.spec.min_devices,
             "devices": {
                 "seen": len(self.status),

@@ -410,7 +410,13 @@ def format_state(state: dict) -> str:
     rejected = totals.get("rejected", {})
     lines = [
         f"federation {state.get('federation')}: round {state.get('round')} of "
-        f"{state.get('rounds')}, {state.get('phase')}",
+        f"{state.get('rounds')}, {state.get('phase')}"
+        + (f", strategy {state['strategy']}" if state.get("strategy") else ""),
+        *(
+            [f"selected this round: {', '.join(state['selected'])}"]
+            if state.get("selected")
+            else []
+        ),
         f"devices online: {', '.join(state.get('devices', {}).get('online', [])) or 'none'}",
         f"updates accepted {totals.get('accepted', 0)}, duplicate {totals.get('duplicate', 0)}, "
         f"late {totals.get('late', 0)}, rejected {sum(rejected.values())}"
@@ -451,7 +457,9 @@ def _control_command(name: str, help_text: str, expect: set[str]) -> None:
 
 
 _control_command("pause", "Pause: keep collecting updates but do not close rounds.", {"paused"})
-_control_command("resume", "Resume a paused aggregator.", {"collecting", "aggregating"})
+_control_command(
+    "resume", "Resume a paused aggregator.", {"selecting", "collecting", "aggregating"}
+)
 _control_command(
     "stop", "Stop the aggregator cleanly; continue later with --resume.", {"stopped", "done"}
 )

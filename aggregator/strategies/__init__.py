@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from aggregator.strategies.base import Params, RoundPlan, Strategy, StrategyError, Update
+from aggregator.strategies.fedbuff import FedBuff
+from aggregator.strategies.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
+from aggregator.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from aggregator.strategies.sums import FedAvg, FedProx
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -17,6 +20,16 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (
         FedAvg,
         FedProx,
+        FedBuff,
+        FedAvgM,
+        FedAdam,
+        FedYogi,
+        FedAdagrad,
+        Median,
+        TrimmedMean,
+        Krum,
+        MultiKrum,
+        Bulyan,
     )
 }
 

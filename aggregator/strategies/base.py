@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from aggregator.fedavg import cast_to
 from broker.errors import TaskError
 
 Tensors = dict[str, torch.Tensor]
@@ -56,6 +57,8 @@ class Update:
 
 class Updates(Protocol):
     """The round's accepted updates, read back from the journal in device-id order."""
+
+    round: int  # the round being closed
 
     def __len__(self) -> int: ...
 
@@ -129,6 +132,16 @@ class Params:
             raise StrategyError(f"[strategy] {key} must be an integer >= {low}, got {value!r}")
         return value
 
+    def flag(self, key: str, default: bool) -> bool:
+        """A switch: TOML's true/false (or 1/0)."""
+        self._read.add(key)
+        value = self._table.get(key, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise StrategyError(f"[strategy] {key} must be true or false, got {value!r}")
+
     def done(self, name: str) -> None:
         extra = sorted(set(self._table) - self._read)
         if extra:
@@ -144,6 +157,7 @@ class Strategy:
     asynchronous = False  # fedbuff: a round closes after buffer_size updates, stale ones count
     max_staleness = 0  # model versions an update may lag behind and still count
     buffer_size: int | None = None  # close after this many accepted updates (fedbuff)
+    min_updates = 1  # a round waits for at least this many updates (Krum: 2f+3)
 
     def __init__(self, params: Params) -> None:
         # usable with any strategy: client sampling and update-norm clipping
@@ -193,13 +207,4 @@ def sample_devices(
 
 def cast_like(values: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> Tensors:
     """float64 results back to the model's dtypes (integer buffers rounded, bools thresholded)."""
-    out = {}
-    for name, value in values.items():
-        dtype = template[name].dtype
-        if dtype.is_floating_point:
-            out[name] = value.to(dtype)
-        elif dtype == torch.bool:
-            out[name] = value >= 0.5
-        else:
-            out[name] = torch.round(value).to(dtype)
-    return out
+    return cast_to(values, {name: template[name].dtype for name in values})
