@@ -9,6 +9,7 @@ retained ``model`` tells a device that rebooted which round is running.
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import queue
 import threading
@@ -267,6 +268,7 @@ class Agent:
         }
         if "accuracy" in before:
             metrics["eval_accuracy"] = before["accuracy"]
+        metrics = _finite(metrics, msg.round)
         tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.poison is not None:
             tensors = self._poisoned(msg, tensors)
@@ -319,6 +321,22 @@ class Agent:
             qos=1,
             retain=True,
         )
+
+
+def _finite(metrics: dict[str, float], round_: int) -> dict[str, float]:
+    """The metrics without the non-finite ones, which the aggregator would refuse the whole
+    update for. A global model whose BatchNorm running variance went negative (poisoned
+    updates do that to FedAvg) evaluates to NaN, yet the device's training, in batch
+    statistics, still gives a useful update."""
+    broken = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if broken:
+        log.warning(
+            "round %d: %s not finite (the global model gives NaN or inf on this device's "
+            "data); left out of the update's metrics",
+            round_,
+            ", ".join(f"{k} = {v}" for k, v in broken.items()),
+        )
+    return {k: v for k, v in metrics.items() if k not in broken}
 
 
 def _check_keys(config: AgentConfig) -> None:

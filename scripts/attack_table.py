@@ -24,12 +24,14 @@ import argparse
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
 from aggregator.strategies import STRATEGIES
+from broker.errors import FedmqError
 from fedmq.demo.attacks import (
     DEFAULT_FRACTION,
     DEFAULT_SCALES,
@@ -78,8 +80,11 @@ def main() -> int:
     }
     grid = [(name, attack) for name in strategies for attack in attacks]
     run = _in_process if args.inprocess else _real_demo
-    accuracy, seconds = run(args, out, [(tables[n], plans[a]) for n, a in grid])
-    accuracy = dict(zip(grid, accuracy))
+    accuracy, seconds, stopped = run(args, out, [(tables[n], plans[a]) for n, a in grid])
+    cell = {
+        key: f"{100 * acc:.1f}%" + (f" (stopped: {why})" if why else "")
+        for key, acc, why in zip(grid, accuracy, stopped)
+    }
     row_seconds = {name: 0.0 for name in strategies}
     for (name, _), spent in zip(grid, seconds):
         row_seconds[name] += spent
@@ -96,7 +101,7 @@ def main() -> int:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---", *["---:"] * (len(header) - 1)]) + "|")
     for name in strategies:
-        cells = [f"{100 * accuracy[name, a]:.1f}%" for a in attacks]
+        cells = [cell[name, a] for a in attacks]
         label = _label(tables[name])
         print(f"| {label} | " + " | ".join(cells) + f" | {row_seconds[name]:.0f} |")
     return 0
@@ -117,7 +122,7 @@ def _column(attack: str) -> str:
     return f"{attack} S={DEFAULT_SCALES[attack]:g}"
 
 
-def _in_process(args, out: Path, jobs) -> tuple[list[float], list[float]]:
+def _in_process(args, out: Path, jobs):
     """The grid in two processes of ``fedmq/demo/inprocess.py`` rounds."""
     from fedmq.demo import inprocess, watch_data
 
@@ -134,35 +139,64 @@ def _in_process(args, out: Path, jobs) -> tuple[list[float], list[float]]:
             f"{result.strategy:>24} {result.attack:>28}: {100 * result.final:5.1f}%",
             file=sys.stderr,
         )
-    return [r.final for r in results], [r.seconds for r in results]
+    return (
+        [r.final for r in results],
+        [r.seconds for r in results],
+        [r.stopped for r in results],
+    )
 
 
-def _real_demo(args, out: Path, jobs) -> tuple[list[float], list[float]]:
+def _real_demo(args, out: Path, jobs):
     """One real ``fedmq demo`` run per cell (``run_demo``: mosquitto, agent processes, the
-    aggregator), one after the other; each run's output goes to ``<out>/<name>.txt``."""
+    aggregator), one after the other; each run's output goes to ``<out>/<name>.txt``. A run
+    that stops (a round short of devices at its deadline) scores its last checkpoint."""
     from fedmq.demo.run import run_demo
 
-    accuracy, seconds = [], []
+    accuracy, seconds, stopped = [], [], []
     for table, plan in jobs:
         name = f"{table['name']}-{plan.kind if plan else 'clean'}"
+        started = time.monotonic()
+        why = None
         with open(out / f"{name}.txt", "w") as log:
-            result = run_demo(
-                devices=args.devices,
-                rounds=args.rounds,
-                seed=args.seed,
-                run_dir=out / name,
-                console=Console(file=log, width=120),
-                strategy=table,
-                attack=plan,
-                centralized=False,
-            )
-        accuracy.append(result.federated_accuracy)
-        seconds.append(result.seconds)
+            try:
+                result = run_demo(
+                    devices=args.devices,
+                    rounds=args.rounds,
+                    seed=args.seed,
+                    run_dir=out / name,
+                    console=Console(file=log, width=120),
+                    strategy=table,
+                    attack=plan,
+                    centralized=False,
+                )
+                final = result.federated_accuracy
+            except FedmqError as exc:
+                print(f"stopped: {exc}", file=log)
+                why = str(exc).split(";")[0]
+                final = _last_checkpoint_accuracy(out / name)
+        accuracy.append(final)
+        seconds.append(time.monotonic() - started)
+        stopped.append(why)
         print(
-            f"{name:>28}: {100 * result.federated_accuracy:5.1f}% ({result.seconds:.0f}s)",
+            f"{name:>28}: {100 * final:5.1f}% ({seconds[-1]:.0f}s){' ' + why if why else ''}",
             file=sys.stderr,
         )
-    return accuracy, seconds
+    return accuracy, seconds, stopped
+
+
+def _last_checkpoint_accuracy(run_dir: Path) -> float:
+    """The held-out accuracy of a run directory's newest checkpoint."""
+    from aggregator.checkpoint import RunDir
+    from broker import codec, zoo
+    from broker.task import TaskSpec
+    from fedmq.demo import watch_data
+
+    runs = RunDir(run_dir)
+    last = max(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("round-*"))
+    payload = runs.checkpoint_path(last).read_bytes()
+    model = zoo.build_model(TaskSpec.load(run_dir / "data" / "task.toml").model)
+    model.load_state_dict(codec.decode(payload, max_payload=len(payload)).tensors)
+    return watch_data.accuracy(model, *watch_data.load_npz(run_dir / "data" / "test.npz"))
 
 
 if __name__ == "__main__":

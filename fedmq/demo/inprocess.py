@@ -12,14 +12,19 @@ The same math as a real ``fedmq demo`` run, without MQTT, signatures or processe
   serves them from its journal.
 
 What it leaves out is delivery: every selected device reports every round (the demo's
-devices do, on one machine). Training is deterministic, so the honest training of a
-device from a given global model is computed once and shared between runs (``cache``):
-every run's first round starts from the same initial model.
+devices do, on one machine). Like the aggregator, it refuses an update with a NaN or
+infinite weight; the demo waits for every device, so such a round would end the run at
+its deadline, and here ends it at once (``RunResult.stopped``).
+
+Training is deterministic, so the honest training of a device from a given global model
+is computed once and shared between runs (``cache``): every run's first round starts
+from the same initial model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +90,7 @@ class RunResult:
     attackers: tuple[str, ...]
     accuracy: list[float] = field(default_factory=list)  # held-out, after each round
     seconds: float = 0.0
+    stopped: str | None = None  # why the run ended before its last round
 
     @property
     def final(self) -> float:
@@ -149,6 +155,9 @@ def run(
             tensors, samples, loss = cache.get(key, train)
             if device.name in attackers:
                 tensors = attackers[device.name](weights, tensors)
+            if not all(torch.isfinite(t).all() for t in tensors.values()):
+                result.stopped = f"round {round_}: {device.name} sent non-finite weights"
+                break
             updates.append(
                 Update(
                     device=device.name,
@@ -156,9 +165,11 @@ def run(
                     tensors=tensors,
                     round=round_,
                     base=weights,
-                    metrics={"train_loss": loss},
+                    metrics={"train_loss": loss} if math.isfinite(loss) else {},
                 )
             )
+        if result.stopped:
+            break
         weights = strategy.aggregate(weights, ListUpdates(updates, template=weights))
         model.load_state_dict(weights)
         accuracy = watch_data.accuracy(model, sim.test_X, sim.test_y)

@@ -93,7 +93,7 @@ def run_demo(
     attackers = tuple(names[k] for k in attack.attackers) if attack else ()
     _show_split(console, data, attackers)
     task = TaskSpec.load(data.task_path)
-    console.print(f"strategy: {described} ([strategy] in {data.task_path})")
+    console.print(f"strategy: {described} (\\[strategy] in {data.task_path})")
     if attack is not None:
         console.print(
             f"[bold red]attack[/]: {len(attackers)} of {devices} devices "
@@ -137,7 +137,12 @@ def run_demo(
             central = watch_data.train_centralized(task, data.device_files, rounds)
             central_acc = watch_data.accuracy(central, X_test, y_test)
 
-        _plot_with_held_out(run_dir, task, X_test, y_test, central_acc)
+        title = "fedmq demo: 7 shoulder exercises from smartwatch motion"
+        if strategy or attack:
+            title += f"\n{described}"
+        if attack:
+            title += f", {len(attackers)} of {devices} devices sending {attack.describe()}"
+        _plot_with_held_out(run_dir, task, X_test, y_test, central_acc, title)
 
     result = DemoResult(
         run_dir,
@@ -153,7 +158,9 @@ def run_demo(
     return result
 
 
-def _plot_with_held_out(run_dir: Path, task, X_test, y_test, central_acc: float) -> None:
+def _plot_with_held_out(
+    run_dir: Path, task, X_test, y_test, central_acc: float, title: str
+) -> None:
     """Redraw metrics.png with each round's global model scored on the held-out people
     (``demo-metrics.jsonl``: metrics.jsonl plus ``test_accuracy``) and the centralized line."""
     from aggregator.checkpoint import RunDir
@@ -173,7 +180,7 @@ def _plot_with_held_out(run_dir: Path, task, X_test, y_test, central_acc: float)
     plot_metrics(
         path,
         runs.plot_png,
-        "fedmq demo: 7 shoulder exercises from smartwatch motion",
+        title,
         baseline_accuracy=central_acc,
     )
 
@@ -198,7 +205,9 @@ def _watch_agents(fed, names, logs, aggregator) -> list[str]:
 
 
 def _show_split(console: Console, data, attackers: tuple[str, ...] = ()) -> None:
-    what = "whole subjects each" if not data.test_tail else "subjects' earlier recording time"
+    what = "whole subjects each"
+    if data.test_tail:
+        what += f", the first {100 * (1 - data.test_tail):.0f}% in time of their recordings"
     table = Table(title=f"devices: {what} (non-IID)", title_justify="left")
     table.add_column("device")
     table.add_column("subjects")
@@ -226,12 +235,12 @@ def _show_split(console: Console, data, attackers: tuple[str, ...] = ()) -> None
 
 
 def _show_result(console: Console, result: DemoResult, data) -> None:
-    table = Table(title=f"accuracy on the held-out {data.held_out}", title_justify="left")
+    table = Table(title=f"accuracy on {data.held_out}", title_justify="left")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
-    attack = (
-        "" if not result.attackers else f", attack {result.attack} from {len(result.attackers)}"
-    )
+    attack = ""
+    if result.attackers:
+        attack = f"; {len(result.attackers)} attackers sending {result.attack}"
     table.add_row(
         f"federated ({result.rounds} rounds over MQTT, {result.strategy}{attack})",
         f"{100 * result.federated_accuracy:.1f}%",

@@ -285,13 +285,14 @@ class DemoData:
 
     @property
     def held_out(self) -> str:
-        """What the test set is, in words."""
+        """What the test set is, in words: "held-out subjects 5, 7" or "the held-out last
+        20% in time of every recording (all 10 subjects)"."""
         if self.test_tail:
             return (
-                f"the last {100 * self.test_tail:.0f}% in time of every recording "
+                f"the held-out last {100 * self.test_tail:.0f}% in time of every recording "
                 f"(all {len(self.test_subjects)} subjects)"
             )
-        return f"subjects {', '.join(map(str, self.test_subjects))}"
+        return f"held-out subjects {', '.join(map(str, self.test_subjects))}"
 
 
 def demo_task(
