@@ -500,16 +500,17 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_
     "--strategy",
     metavar="NAME",
     default=None,
-    help="How the aggregator combines updates: "
-    f"{', '.join(STRATEGY_NAMES)} (and any other registered). [default: fedavg]",
+    help=f"How the aggregator combines updates: {', '.join(STRATEGY_NAMES)}, or any other "
+    "strategy in the README's table. [default: fedavg]",
 )
 @click.option(
     "--strategy-param",
     "strategy_params",
     metavar="KEY=VALUE",
     multiple=True,
-    help="A [strategy] parameter, e.g. beta=0.2 or f=2 (repeatable). Under --attack, f and "
-    "beta default to the number of attackers.",
+    help="A [strategy] parameter, e.g. beta=0.2 or f=2 (repeatable). Under --attack, "
+    "trimmed_mean's beta and krum's, multi_krum's and bulyan's f default to match the "
+    "attackers (bulyan: at most (devices - 3) / 4).",
 )
 @click.option(
     "--attack",

@@ -14,13 +14,15 @@ training, poisoning and aggregation math, without MQTT.
 
 The robust strategies are told how many attackers to expect (``robust_defaults``:
 trimmed_mean's beta, krum / multi_krum / bulyan's f), in the clean column too, so that
-each row compares one configuration with and without attack. Prints a markdown table of
+each row compares one configuration with and without attack; ``--own-defaults`` leaves
+them at the strategies' defaults (f = 1, beta = 0.1). Prints a markdown table of
 accuracies, then the seconds each row took.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import tempfile
@@ -34,7 +36,6 @@ from aggregator.strategies import STRATEGIES
 from broker.errors import FedmqError
 from fedmq.demo.attacks import (
     DEFAULT_FRACTION,
-    DEFAULT_SCALES,
     KINDS,
     attacker_count,
     plan_attack,
@@ -57,6 +58,14 @@ def main() -> int:
         "--strategies", default=",".join(s for s in ORDER if s in STRATEGIES), metavar="A,B"
     )
     parser.add_argument("--attacks", default=",".join(("clean", *KINDS)), metavar="A,B")
+    parser.add_argument(
+        "--attack-scale", type=float, default=None, help="S for every attack [default: per kind]"
+    )
+    parser.add_argument(
+        "--own-defaults",
+        action="store_true",
+        help="leave f and beta at the strategies' own defaults instead of the attackers' count",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes for --inprocess")
     parser.add_argument(
         "--out", type=Path, default=None, help="run directories (real runs) [default: a temp dir]"
@@ -73,9 +82,12 @@ def main() -> int:
         parser.error(f"unknown strategy or attack: {', '.join(unknown)}")
 
     out = args.out or Path(tempfile.mkdtemp(prefix="fedmq-attack-table-"))
-    tables = {name: strategy_table(name, {}, args.devices, count) for name in strategies}
+    expect = 0 if args.own_defaults else count
+    tables = {name: strategy_table(name, {}, args.devices, expect) for name in strategies}
     plans = {
-        a: None if a == "clean" else plan_attack(a, args.devices, args.attackers, None, args.seed)
+        a: None
+        if a == "clean"
+        else plan_attack(a, args.devices, args.attackers, args.attack_scale, args.seed)
         for a in attacks
     }
     grid = [(name, attack) for name in strategies for attack in attacks]
@@ -97,7 +109,7 @@ def main() -> int:
         f"(watch-{', watch-'.join(map(str, attackers))}), {args.rounds} rounds, seed {args.seed}; "
         "final held-out accuracy\n"
     )
-    header = ["strategy", *(_column(a) for a in attacks), "seconds"]
+    header = ["strategy", *(_column(a, plans[a]) for a in attacks), "seconds"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---", *["---:"] * (len(header) - 1)]) + "|")
     for name in strategies:
@@ -116,10 +128,8 @@ def _label(table: dict) -> str:
     return table["name"] + (f" ({params})" if params else "")
 
 
-def _column(attack: str) -> str:
-    if attack == "clean":
-        return "clean"
-    return f"{attack} S={DEFAULT_SCALES[attack]:g}"
+def _column(attack: str, plan) -> str:
+    return "clean" if plan is None else f"{attack} S={plan.scale:g}"
 
 
 def _in_process(args, out: Path, jobs):
@@ -157,7 +167,7 @@ def _real_demo(args, out: Path, jobs):
         name = f"{table['name']}-{plan.kind if plan else 'clean'}"
         started = time.monotonic()
         why = None
-        with open(out / f"{name}.txt", "w") as log:
+        with open(out / f"{name}.txt", "w") as log, contextlib.redirect_stdout(log):
             try:
                 result = run_demo(
                     devices=args.devices,

@@ -185,3 +185,50 @@ def test_strategy_table_is_validated():
         strategy_table("median", {"nope": 1}, 10, 2)
     with pytest.raises(ConfigError, match="needs --strategy"):
         strategy_table(None, {"f": 1}, 10, 2)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attack", "scale", "--attackers", "0.5"], "0 <= F < 0.5"),
+        (["--attack", "scale", "--attackers", "-0.1"], "0 <= F < 0.5"),
+        (["--attack", "flip"], "'flip' is not one of"),
+        (["--strategy", "medain"], "[strategy] name must be one of"),
+        (["--strategy", "median", "--strategy-param", "beta=0.2"], "beta"),
+        (["--strategy-param", "f=1"], "needs --strategy"),
+        (["--attack-scale", "2"], "need --attack"),
+        (["--attack", "scale", "--devices", "2"], "not a minority"),
+    ],
+)
+def test_demo_refuses_bad_attack_and_strategy_options_before_starting(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from fedmq.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "--run-dir", str(tmp_path / "run"), *args])
+    assert result.exit_code in (1, 2), result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_demo_help_documents_the_default_scales():
+    from click.testing import CliRunner
+
+    from fedmq.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["demo", "--help"]).output.split())
+    for kind, scale in DEFAULT_SCALES.items():
+        assert f"{kind} {scale:g}" in text
+
+
+def test_the_device_side_imports_nothing_of_the_aggregator_or_the_cli():
+    """An attacker is an ordinary agent: device_agent (attacks included) stands on broker/."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, device_agent.agent, device_agent.attacks; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'fedmq', 'aggregator'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
