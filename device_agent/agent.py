@@ -9,6 +9,7 @@ retained ``model`` tells a device that rebooted which round is running.
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import queue
 import threading
@@ -47,6 +48,9 @@ class AgentConfig:
     # "package.module:function"); a model's task can only name one, never bring code
     architectures: Mapping[str, Callable | str] | None = None
     insecure: bool = False  # allow running without sign / verify_model (logs a warning)
+    # demos and tests of robust aggregation only: (global, trained) -> the weights sent
+    # instead of the honest ones, e.g. device_agent.attacks.Attacker; signed like any update
+    poison: Callable[[dict, dict], dict] | None = None
 
 
 class Agent:
@@ -264,7 +268,10 @@ class Agent:
         }
         if "accuracy" in before:
             metrics["eval_accuracy"] = before["accuracy"]
+        metrics = _finite(metrics, msg.round)
         tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if cfg.poison is not None:
+            tensors = self._poisoned(msg, tensors)
         meta = messages.update_metadata(
             round_=msg.round,
             device_id=cfg.device_id,
@@ -290,6 +297,17 @@ class Agent:
         )
         self.on_event("trained", {"round": msg.round, "metrics": metrics, "mid": info.mid})
 
+    def _poisoned(self, msg: messages.ModelMessage, tensors: dict) -> dict:
+        """The attacker's update in place of the honest one, trained first like any other."""
+        poisoned = self.config.poison(msg.tensors, tensors)
+        what = getattr(self.config.poison, "describe", lambda: repr(self.config.poison))()
+        log.warning(
+            "ATTACKER: round %d: sending a poisoned update (%s) instead of the honest one",
+            msg.round,
+            what,
+        )
+        return poisoned
+
     def _status_payload(self, status: str, round_: int | None = None) -> bytes:
         capabilities = {"torch": torch.__version__, "machine": platform.machine()}
         return signals.encode_status(
@@ -303,6 +321,22 @@ class Agent:
             qos=1,
             retain=True,
         )
+
+
+def _finite(metrics: dict[str, float], round_: int) -> dict[str, float]:
+    """The metrics without the non-finite ones, which the aggregator would refuse the whole
+    update for. A global model whose BatchNorm running variance went negative (poisoned
+    updates do that to FedAvg) evaluates to NaN, yet the device's training, in batch
+    statistics, still gives a useful update."""
+    broken = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if broken:
+        log.warning(
+            "round %d: %s not finite (the global model gives NaN or inf on this device's "
+            "data); left out of the update's metrics",
+            round_,
+            ", ".join(f"{k} = {v}" for k, v in broken.items()),
+        )
+    return {k: v for k, v in metrics.items() if k not in broken}
 
 
 def _check_keys(config: AgentConfig) -> None:

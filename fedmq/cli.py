@@ -24,6 +24,8 @@ from fedmq.cli_common import (
 )
 
 log = logging.getLogger("fedmq.cli")
+# device_agent.attacks.KINDS, spelled out so that `fedmq --help` does not import torch
+ATTACK_KINDS = ("sign_flip", "scale", "noise", "constant")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,6 +106,18 @@ def agent() -> None:
     type=float,
     help="Give up after this many seconds, with exit code 2 (errors exit with 1).",
 )
+@click.option(
+    "--attack",
+    type=click.Choice(ATTACK_KINDS),
+    hidden=True,  # for `fedmq demo --attack` and tests: this device sends poisoned updates
+    help="Send poisoned updates of this kind (device_agent/attacks.py). Demos only.",
+)
+@click.option(
+    "--attack-scale",
+    type=float,
+    hidden=True,
+    help="The attack's scale S. [default: per kind]",
+)
 @fedmq_errors
 def agent_run(
     connection,
@@ -117,6 +131,8 @@ def agent_run(
     max_rounds,
     threads,
     timeout,
+    attack,
+    attack_scale,
 ) -> None:
     """Connect, wait for rounds, train on --data, publish updates. Raw data never leaves.
 
@@ -149,6 +165,16 @@ def agent_run(
     sign, verify = agent_hooks(
         signing_key or config.get("signing_key"), model_key or config.get("model_key")
     )
+    poison = None
+    if attack is not None:
+        from device_agent.attacks import Attacker
+
+        poison = Attacker.create(attack, attack_scale, device_id)
+        log.warning(
+            "ATTACKER: device %s will poison its updates (%s)", device_id, poison.describe()
+        )
+    elif attack_scale is not None:
+        raise ConfigError("--attack-scale needs --attack KIND")
     the_agent = Agent(
         AgentConfig(
             connection=settings,
@@ -162,6 +188,7 @@ def agent_run(
             threads=threads,
             architectures=architectures(config, connection.config_file, arch),
             insecure=insecure,
+            poison=poison,
         )
     )
     log.info(
@@ -439,13 +466,16 @@ _control_command(
 
 
 # -- demo ----------------------------------------------------------------------------
+STRATEGY_NAMES = ("fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+
+
 @main.command()
 @click.option(
     "--devices",
     type=click.IntRange(min=1, max=32),
-    default=3,
-    show_default=True,
-    help="Device agents to start, each with its own subjects' data.",
+    default=None,
+    help="Device agents to start, each with its own subjects' data. "
+    "[default: 3; 10 with --attack, one person each]",
 )
 @click.option(
     "--rounds",
@@ -454,7 +484,11 @@ _control_command(
     help="Federated rounds. [default: the demo task's]",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed for data split and model."
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for the data split, the model and the choice of attackers.",
 )
 @click.option(
     "--run-dir",
@@ -462,19 +496,94 @@ _control_command(
     default=None,
     help="Where to leave data, broker, checkpoints, metrics and plot. [default: runs/demo-<time>]",
 )
+@click.option(
+    "--strategy",
+    metavar="NAME",
+    default=None,
+    help=f"How the aggregator combines updates: {', '.join(STRATEGY_NAMES)}, or any other "
+    "strategy in the README's table. [default: fedavg]",
+)
+@click.option(
+    "--strategy-param",
+    "strategy_params",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="A [strategy] parameter, e.g. beta=0.2 or f=2 (repeatable). Under --attack, "
+    "trimmed_mean's beta and krum's, multi_krum's and bulyan's f default to match the "
+    "attackers (bulyan: at most (devices - 3) / 4).",
+)
+@click.option(
+    "--attack",
+    type=click.Choice(ATTACK_KINDS),
+    default=None,
+    help="Some devices send poisoned updates of this kind, from the honest update "
+    "delta = w - g: sign_flip g - S*delta, scale g + S*delta, noise g + Gaussian of "
+    "expected norm S*|delta|, constant S in every weight.",
+)
+@click.option(
+    "--attackers",
+    "attackers",
+    type=float,
+    metavar="F",
+    default=None,
+    help="Fraction of the devices that attack, 0 <= F < 0.5, chosen from --seed. "
+    "[default with --attack: 0.2]",
+)
+@click.option(
+    "--attack-scale",
+    type=float,
+    metavar="S",
+    default=None,
+    help="The attack's scale S. [default: sign_flip 4, scale 10, noise 10, constant 1]",
+)
 @fedmq_errors
-def demo(devices: int, rounds: int | None, seed: int, run_dir: Path | None) -> None:
+def demo(
+    devices: int | None,
+    rounds: int | None,
+    seed: int,
+    run_dir: Path | None,
+    strategy: str | None,
+    strategy_params: tuple[str, ...],
+    attack: str | None,
+    attackers: float | None,
+    attack_scale: float | None,
+) -> None:
     """Federated learning on real smartwatch data, on this machine, end to end.
 
     Starts a secured mosquitto on a free port, an aggregator and N device agents,
     each holding whole subjects of seglearn's watch data set (6-axis inertial data
     of 10 people doing 7 shoulder exercises), runs the rounds with live progress,
     and compares the federated model with the same model trained centrally,
-    both on subjects no device has seen.
+    both on data no device has seen.
+
+    \b
+    Under attack (10 devices, 2 of them attackers sending g - 4*delta):
+      fedmq demo --strategy median --attack sign_flip
     """
+    from fedmq.demo.attacks import (
+        ATTACK_DEVICES,
+        parse_strategy_params,
+        plan_attack,
+        strategy_table,
+    )
     from fedmq.demo.run import run_demo
 
-    run_demo(devices=devices, rounds=rounds, seed=seed, run_dir=run_dir)
+    devices = devices or (ATTACK_DEVICES if attack else 3)
+    plan = plan_attack(attack, devices, attackers, attack_scale, seed)
+    table = strategy_table(
+        strategy,
+        parse_strategy_params(strategy_params),
+        devices,
+        len(plan.attackers) if plan else 0,
+    )
+    run_demo(
+        devices=devices,
+        rounds=rounds,
+        seed=seed,
+        run_dir=run_dir,
+        strategy=table or None,
+        attack=plan,
+    )
 
 
 if __name__ == "__main__":

@@ -252,3 +252,59 @@ def test_train_centralized_pools_files(tmp_path):
     with pytest.raises(FedmqError):
         wd.train_centralized(tiny_task(), [], rounds=1)
     assert isinstance(TrainSpec(), TrainSpec)
+
+
+# ------------------------------------------------------------------ the split in time
+
+
+def test_split_in_time_gives_every_subject_to_a_device():
+    subject = fake_recordings(subjects=10, per_subject=3).subject
+    split = wd.split_in_time(subject, devices=10, seed=0)
+    assert sorted(s for people in split.device_subjects for s in people) == list(range(1, 11))
+    assert all(len(people) == 1 for people in split.device_subjects)  # one person each
+    assert split.test == tuple(range(len(subject)))  # every recording's tail
+    assert wd.split_in_time(subject, devices=10, seed=0) == split
+    assert wd.split_in_time(subject, devices=10, seed=1) != split
+    seven = wd.split_in_time(subject, devices=7, seed=0)  # fewer devices: whole people
+    assert sorted(s for people in seven.device_subjects for s in people) == list(range(1, 11))
+    spread = wd.split_in_time(subject, devices=12, seed=0)  # more: a person over devices
+    assert len(spread.devices) == 12
+    assert sorted(i for rows in spread.devices for i in rows) == list(range(len(subject)))
+
+
+def test_prepare_in_time_holds_out_the_tail_of_every_recording(tmp_path):
+    rec = fake_recordings(subjects=6, per_subject=2, length=200)
+    # 4 training subjects when 2 are held out: 5 devices switch to the split in time
+    data = wd.prepare(tmp_path, devices=5, seed=0, window=20, stride=10, recordings=rec)
+    assert data.test_tail == wd.TEST_TAIL and "last 20% in time" in data.held_out
+    assert data.test_subjects == (1, 2, 3, 4, 5, 6)
+    X_test, _ = load(data.test_file)
+    train = np.concatenate([load(f)[0] for f in data.device_files])
+    # channel 0 is the recording index (unscaled): every recording is in both sets
+    assert set(np.unique(X_test[:, 0, 0])) == set(np.unique(train[:, 0, 0])) == set(range(12))
+    for i in range(12):  # ... and its tail has as many windows as its last 20% holds
+        length = len(rec.X[i])
+        tail = length - int(length * 0.8)
+        assert (X_test[:, 0, 0] == i).sum() == (tail - 20) // 10 + 1
+        head = int(length * 0.8)
+        assert (train[:, 0, 0] == i).sum() == (head - 20) // 10 + 1
+    by_subject = wd.prepare(tmp_path / "s", devices=4, seed=0, window=20, stride=10, recordings=rec)
+    assert by_subject.test_tail == 0.0 and by_subject.held_out.startswith("held-out subjects")
+    with pytest.raises(FedmqError, match="split"):
+        wd.prepare(tmp_path / "x", devices=2, split="random", recordings=rec)
+
+
+def test_the_task_carries_the_strategy_table(tmp_path):
+    rec = fake_recordings()
+    data = wd.prepare(
+        tmp_path,
+        devices=2,
+        window=16,
+        stride=8,
+        recordings=rec,
+        strategy={"name": "trimmed_mean", "beta": 0.2},
+    )
+    assert TaskSpec.load(data.task_path).strategy == {"name": "trimmed_mean", "beta": 0.2}
+    plain = wd.prepare(tmp_path / "p", devices=2, window=16, stride=8, recordings=rec)
+    assert TaskSpec.load(plain.task_path).strategy == {}
+    assert "[strategy]" not in plain.task_path.read_text()

@@ -1,12 +1,18 @@
 """``fedmq demo``: a whole federation on this machine, on real smartwatch data.
 
 1. cut seglearn's watch recordings into one ``.npz`` per device (whole subjects
-   per device) and a held-out test set of other subjects;
+   per device) and a held-out test set (other subjects; with more devices than
+   training subjects, the last 20 % in time of every recording);
 2. start a secured mosquitto (passwords, per-device ACL, TLS, signed models and
    updates) on free loopback ports;
-3. start one ``fedmq agent run`` process per device and the aggregator;
+3. start one ``fedmq agent run`` process per device and the aggregator, which
+   combines the updates with the task's ``[strategy]`` (``--strategy``);
 4. show the rounds live, then compare the federated model with the same model
-   trained centrally on the pooled data, both on the held-out subjects.
+   trained centrally on the pooled data, both on the held-out test set.
+
+With ``--attack`` a fraction of the devices (chosen from the seed) are attackers:
+real agent processes with valid keys that train honestly and then send a poisoned
+update (``device_agent/attacks.py``), so one sees what each strategy does under attack.
 
 Everything stays in the run directory: data, broker home and log, agent logs,
 checkpoints, ``metrics.jsonl`` and ``metrics.png``.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +36,7 @@ from aggregator.service import Aggregator
 from broker import zoo
 from broker.errors import FedmqError
 from broker.task import TaskSpec
+from fedmq.demo.attacks import AttackPlan
 from fedmq.local import LocalFederation
 from fedmq.progress import RoundProgress
 
@@ -42,6 +50,9 @@ class DemoResult:
     federated_accuracy: float
     centralized_accuracy: float
     seconds: float
+    strategy: str = "fedavg"
+    attack: str = "clean"  # or the attack's description
+    attackers: tuple[str, ...] = ()
 
     @property
     def gap_points(self) -> float:
@@ -55,7 +66,14 @@ def run_demo(
     seed: int,
     run_dir: Path | None,
     console: Console | None = None,
+    strategy: dict | None = None,
+    attack: AttackPlan | None = None,
+    centralized: bool = True,
 ) -> DemoResult:
+    """The whole demo; ``strategy`` is the task's ``[strategy]`` table (None: FedAvg) and
+    ``attack`` says which devices (indices) poison their updates, and how.
+    ``centralized=False`` skips the centralised baseline (its accuracy is then NaN)."""
+    from aggregator.strategies import build
     from fedmq.demo import watch_data
 
     console = console or Console()
@@ -68,11 +86,20 @@ def run_demo(
     if (run_dir / "run.json").exists():
         raise FedmqError(f"{run_dir} already holds a run: choose another --run-dir")
 
-    with console.status("preparing the watch data set (by subject)..."):
-        data = watch_data.prepare(run_dir / "data", devices=devices, seed=seed)
-    _show_split(console, data)
-    task = TaskSpec.load(data.task_path)
+    described = build(strategy).describe()  # a bad [strategy] fails before anything starts
+    with console.status("preparing the watch data set..."):
+        data = watch_data.prepare(run_dir / "data", devices=devices, seed=seed, strategy=strategy)
     names = [f"watch-{k}" for k in range(devices)]
+    attackers = tuple(names[k] for k in attack.attackers) if attack else ()
+    _show_split(console, data, attackers)
+    task = TaskSpec.load(data.task_path)
+    console.print(f"strategy: {described} (\\[strategy] in {data.task_path})")
+    if attack is not None:
+        console.print(
+            f"[bold red]attack[/]: {len(attackers)} of {devices} devices "
+            f"({', '.join(attackers) or 'none'}) train honestly, then send {attack.describe()}"
+            " (delta = trained - global), signed with their valid keys"
+        )
 
     with LocalFederation.create(run_dir / "broker", FEDERATION, names) as fed:
         console.print(
@@ -82,7 +109,10 @@ def run_demo(
         logs = run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for name, path in zip(names, data.device_files):
-            fed.spawn_agent(name, path, "--exit-when-done", log=logs / f"{name}.log")
+            extra = ["--exit-when-done"]
+            if name in attackers:
+                extra += ["--attack", attack.kind, "--attack-scale", repr(attack.scale)]
+            fed.spawn_agent(name, path, *extra, log=logs / f"{name}.log")
         config = fed.aggregator_config(
             run_dir, task, rounds=rounds, min_devices=devices, deadline=120, on_short="stop"
         )
@@ -102,17 +132,35 @@ def run_demo(
         federated = zoo.build_model(task.model)
         federated.load_state_dict(aggregator.weights)
         fed_acc = watch_data.accuracy(federated, X_test, y_test)
-        central = watch_data.train_centralized(task, data.device_files, rounds)
-        central_acc = watch_data.accuracy(central, X_test, y_test)
+        central_acc = math.nan
+        if centralized:
+            central = watch_data.train_centralized(task, data.device_files, rounds)
+            central_acc = watch_data.accuracy(central, X_test, y_test)
 
-        _plot_with_held_out(run_dir, task, X_test, y_test, central_acc)
+        title = "fedmq demo: 7 shoulder exercises from smartwatch motion"
+        if strategy or attack:
+            title += f"\n{described}"
+        if attack:
+            title += f", {len(attackers)} of {devices} devices sending {attack.describe()}"
+        _plot_with_held_out(run_dir, task, X_test, y_test, central_acc, title)
 
-    result = DemoResult(run_dir, rounds, fed_acc, central_acc, time.monotonic() - started)
+    result = DemoResult(
+        run_dir,
+        rounds,
+        fed_acc,
+        central_acc,
+        time.monotonic() - started,
+        strategy=described,
+        attack="clean" if attack is None else attack.describe(),
+        attackers=attackers,
+    )
     _show_result(console, result, data)
     return result
 
 
-def _plot_with_held_out(run_dir: Path, task, X_test, y_test, central_acc: float) -> None:
+def _plot_with_held_out(
+    run_dir: Path, task, X_test, y_test, central_acc: float, title: str
+) -> None:
     """Redraw metrics.png with each round's global model scored on the held-out people
     (``demo-metrics.jsonl``: metrics.jsonl plus ``test_accuracy``) and the centralized line."""
     from aggregator.checkpoint import RunDir
@@ -132,7 +180,7 @@ def _plot_with_held_out(run_dir: Path, task, X_test, y_test, central_acc: float)
     plot_metrics(
         path,
         runs.plot_png,
-        "fedmq demo: 7 shoulder exercises from smartwatch motion",
+        title,
         baseline_accuracy=central_acc,
     )
 
@@ -156,32 +204,51 @@ def _watch_agents(fed, names, logs, aggregator) -> list[str]:
     return failure
 
 
-def _show_split(console: Console, data) -> None:
-    table = Table(title="devices: whole subjects each (non-IID)", title_justify="left")
+def _show_split(console: Console, data, attackers: tuple[str, ...] = ()) -> None:
+    what = "whole subjects each"
+    if data.test_tail:
+        what += f", the first {100 * (1 - data.test_tail):.0f}% in time of their recordings"
+    table = Table(title=f"devices: {what} (non-IID)", title_justify="left")
     table.add_column("device")
     table.add_column("subjects")
     table.add_column("windows", justify="right")
+    if attackers:
+        table.add_column("role")
     for k, (subjects, size) in enumerate(zip(data.device_subjects, data.device_sizes)):
-        table.add_row(f"watch-{k}", ", ".join(map(str, subjects)), str(size))
+        name = f"watch-{k}"
+        role = ["[bold red]ATTACKER[/]" if name in attackers else "honest"] if attackers else []
+        table.add_row(name, ", ".join(map(str, subjects)), str(size), *role)
+    held_out = "last 20% of every recording" if data.test_tail else ""
     table.add_row(
-        "held out", ", ".join(map(str, data.test_subjects)), str(data.test_size), style="dim"
+        "held out",
+        held_out or ", ".join(map(str, data.test_subjects)),
+        str(data.test_size),
+        *([""] if attackers else []),
+        style="dim",
     )
     console.print(table)
+    if data.test_tail:
+        console.print(
+            f"test set: {data.held_out}, cut before windowing: it measures later "
+            "repetitions by people the model learned from, not new people"
+        )
 
 
 def _show_result(console: Console, result: DemoResult, data) -> None:
-    table = Table(
-        title=f"accuracy on held-out subjects {', '.join(map(str, data.test_subjects))}",
-        title_justify="left",
-    )
+    table = Table(title=f"accuracy on {data.held_out}", title_justify="left")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
+    attack = ""
+    if result.attackers:
+        attack = f"; {len(result.attackers)} attackers sending {result.attack}"
     table.add_row(
-        f"federated ({result.rounds} rounds over MQTT)", f"{100 * result.federated_accuracy:.1f}%"
+        f"federated ({result.rounds} rounds over MQTT, {result.strategy}{attack})",
+        f"{100 * result.federated_accuracy:.1f}%",
     )
-    table.add_row(
-        "centralized (pooled data, same epochs)", f"{100 * result.centralized_accuracy:.1f}%"
-    )
+    if not math.isnan(result.centralized_accuracy):
+        table.add_row(
+            "centralized (pooled data, same epochs)", f"{100 * result.centralized_accuracy:.1f}%"
+        )
     console.print(table)
     console.print(
         f"gap: {result.gap_points:+.1f} points; {result.seconds:.0f}s in all; "

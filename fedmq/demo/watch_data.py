@@ -7,10 +7,20 @@ of 20 repetitions of 7 shoulder exercises, once with each arm (14 recordings per
 
 ``prepare()`` turns it into what a federation of watches would hold:
 
-- **Split by subject.** ``test_subjects`` people (chosen by the seed) are held out: their
-  windows form ``test.npz``, which no device sees, so accuracy measures how well the
-  model works for *new people*. The other subjects are dealt to the devices so that
-  each device holds whole people (see ``split_subjects`` for more devices than people).
+- **Split by subject** (up to 8 devices, the default). ``test_subjects`` people (chosen
+  by the seed) are held out: their windows form ``test.npz``, which no device sees, so
+  accuracy measures how well the model works for *new people*. The other subjects are
+  dealt to the devices so that each device holds whole people.
+- **Split in time** (more devices than training subjects: ``fedmq demo --attack`` runs
+  10, one person each, so that Bulyan's ``n >= 4f + 3`` can be met). Holding out 2 people
+  would leave 8 to share among 10 devices, so instead every subject trains and the test
+  set is the **last 20 % in time of every recording** (every person, every exercise,
+  both arms): accuracy then measures how well the model recognises *later repetitions
+  by the people it learned from*, an easier question than new people. The cut is made
+  in samples before windowing, so no test window shares a sample with a training window.
+  The subjects are dealt to the devices as whole people (shuffled by the seed); with
+  more devices than the 10 subjects, a subject is spread over several devices as in
+  ``split_subjects``.
 - **Windows.** Each recording is cut into overlapping windows of ``window`` samples
   every ``stride`` samples, shaped ``(6, window)`` (channels, time) for ``cnn1d``.
 - **Normalisation without pooling.** A real fleet cannot pool its data to compute
@@ -38,7 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +71,7 @@ DEFAULT_ROUNDS = 10
 DEFAULT_WINDOW = 100  # 2 s at 50 Hz: about one repetition of an exercise
 DEFAULT_STRIDE = 50  # 50 % overlap (no overlap lost ~3 points of federated accuracy)
 DEFAULT_TEST_SUBJECTS = 2
+TEST_TAIL = 0.2  # the split in time: the last 20 % of every recording is the test set
 # a third conv block (0.7 s receptive field before global pooling) beat [16, 32] by ~3
 # points and matched [32, 64] at about half its cost; [8, 16, 32] and [16, 16, 32] let
 # FedAvg fall 5-9 points behind
@@ -182,31 +193,70 @@ def split_subjects(
             f"or fewer test subjects)"
         )
 
+    device_recordings, device_subjects = _deal(training, recordings_of, devices, rng)
+    test_rows = np.flatnonzero(np.isin(subject, held_out))
+    return Split(
+        test_subjects=tuple(sorted(held_out)),
+        test=tuple(int(i) for i in test_rows),
+        devices=device_recordings,
+        device_subjects=device_subjects,
+    )
+
+
+def split_in_time(subject: Sequence[int] | np.ndarray, *, devices: int, seed: int) -> Split:
+    """Deal every subject's recordings to ``devices`` devices; the test set is the tail of
+    every recording (``prepare`` cuts it off, see ``TEST_TAIL``), so ``test`` lists them all.
+
+    The seed shuffles the subjects, which are dealt as in ``split_subjects`` (whole people
+    per device up to one device per person; beyond, a person's recordings are spread).
+    """
+    subject = np.asarray(subject, dtype=np.int64)
+    people = np.unique(subject)
+    if not isinstance(devices, int) or devices < 1:
+        raise FedmqError(f"devices must be a positive integer, got {devices!r}")
+    if devices > len(subject):
+        raise FedmqError(
+            f"cannot give {devices} devices a recording each: the data set has "
+            f"{len(subject)} recordings (use at most {len(subject)} devices)"
+        )
+    rng = np.random.default_rng(seed)
+    order = [int(s) for s in rng.permutation(people)]
+    recordings_of = {s: np.flatnonzero(subject == s) for s in order}
+    device_recordings, device_subjects = _deal(order, recordings_of, devices, rng)
+    return Split(
+        test_subjects=tuple(sorted(order)),
+        test=tuple(range(len(subject))),
+        devices=device_recordings,
+        device_subjects=device_subjects,
+    )
+
+
+def _deal(
+    people: list[int], recordings_of: dict[int, np.ndarray], devices: int, rng
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """(recording indices, subjects) per device: whole people when ``devices <= people``
+    (the ordered people cut into near-equal groups); otherwise each person starts with one
+    device and each further device goes to the person with the most recordings per device,
+    whose (shuffled) recordings are then cut into near-equal groups."""
     device_recordings: list[tuple[int, ...]] = []
     device_subjects: list[tuple[int, ...]] = []
-    if devices <= len(training):
-        for group in np.array_split(np.array(training), devices):
+    if devices <= len(people):
+        for group in np.array_split(np.array(people), devices):
             people_here = tuple(sorted(int(s) for s in group))
             rows = np.sort(np.concatenate([recordings_of[s] for s in people_here]))
             device_recordings.append(tuple(int(i) for i in rows))
             device_subjects.append(people_here)
     else:
-        count = {s: 1 for s in training}
-        for _ in range(devices - len(training)):
-            best = max(training, key=lambda s: len(recordings_of[s]) / count[s])
+        count = {s: 1 for s in people}
+        for _ in range(devices - len(people)):
+            best = max(people, key=lambda s: len(recordings_of[s]) / count[s])
             count[best] += 1
-        for s in training:
+        for s in people:
             shuffled = rng.permutation(recordings_of[s])
             for part in np.array_split(shuffled, count[s]):
                 device_recordings.append(tuple(int(i) for i in np.sort(part)))
                 device_subjects.append((s,))
-    test_rows = np.flatnonzero(np.isin(subject, held_out))
-    return Split(
-        test_subjects=tuple(sorted(held_out)),
-        test=tuple(int(i) for i in test_rows),
-        devices=tuple(device_recordings),
-        device_subjects=tuple(device_subjects),
-    )
+    return tuple(device_recordings), tuple(device_subjects)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -227,14 +277,29 @@ class DemoData:
     class_names: tuple[str, ...]
     window: int
     stride: int
+    test_tail: float = 0.0  # 0: whole subjects held out; else the tail of every recording
 
     @property
     def train_size(self) -> int:
         return sum(self.device_sizes)
 
+    @property
+    def held_out(self) -> str:
+        """What the test set is, in words: "held-out subjects 5, 7" or "the held-out last
+        20% in time of every recording (all 10 subjects)"."""
+        if self.test_tail:
+            return (
+                f"the held-out last {100 * self.test_tail:.0f}% in time of every recording "
+                f"(all {len(self.test_subjects)} subjects)"
+            )
+        return f"held-out subjects {', '.join(map(str, self.test_subjects))}"
 
-def demo_task(seed: int = 0, train: TrainSpec = DEFAULT_TRAIN) -> TaskSpec:
-    """The demo's task: a small 1-D CNN over (6, window) windows, 7 exercises."""
+
+def demo_task(
+    seed: int = 0, train: TrainSpec = DEFAULT_TRAIN, strategy: Mapping[str, Any] | None = None
+) -> TaskSpec:
+    """The demo's task: a small 1-D CNN over (6, window) windows, 7 exercises; ``strategy``
+    is its ``[strategy]`` table (None: none, FedAvg)."""
     return TaskSpec(
         model=ModelSpec(
             arch="cnn1d",
@@ -247,6 +312,7 @@ def demo_task(seed: int = 0, train: TrainSpec = DEFAULT_TRAIN) -> TaskSpec:
         ),
         train=train,
         seed=seed,
+        strategy=dict(strategy or {}),
     )
 
 
@@ -283,6 +349,9 @@ def task_toml(task: TaskSpec) -> str:
         f"momentum = {value(float(t.momentum))}",
         "",
     ]
+    if task.strategy:
+        table = {"name": task.strategy.get("name", "fedavg"), **task.strategy}
+        lines += ["[strategy]", *(f"{k} = {value(v)}" for k, v in table.items()), ""]
     return "\n".join(lines)
 
 
@@ -296,9 +365,15 @@ def prepare(
     test_subjects: int = DEFAULT_TEST_SUBJECTS,
     train: TrainSpec = DEFAULT_TRAIN,
     recordings: Recordings | None = None,
+    split: str = "auto",
+    strategy: Mapping[str, Any] | None = None,
 ) -> DemoData:
     """Write ``device-<k>.npz`` (k = 0 .. devices-1), ``test.npz``, ``task.toml``, ``split.json``.
 
+    ``split`` is ``"subjects"`` (hold out ``test_subjects`` people), ``"time"`` (hold out
+    the last ``TEST_TAIL`` of every recording) or ``"auto"``: by subject while every device
+    can hold a whole training subject, in time beyond (see the module docstring).
+    ``strategy`` is the task's ``[strategy]`` table (None: FedAvg, no table).
     ``recordings`` defaults to ``load_recordings()`` (tests may pass their own). Device
     files left over from an earlier run with more devices are removed. Raises
     ``FedmqError`` when the split is impossible or a device would get no window.
@@ -307,27 +382,44 @@ def prepare(
         recordings = load_recordings()
     if window < 1 or stride < 1:
         raise FedmqError(f"window and stride must be >= 1, got {window} and {stride}")
-    split = split_subjects(
-        recordings.subject, devices=devices, test_subjects=test_subjects, seed=seed
-    )
+    if split not in ("auto", "subjects", "time"):
+        raise FedmqError(f'split must be "auto", "subjects" or "time", got {split!r}')
+    if split == "auto":
+        people = len(np.unique(recordings.subject))
+        split = "time" if devices > people - test_subjects else "subjects"
+    tail = TEST_TAIL if split == "time" else 0.0
+    if split == "time":
+        cut = split_in_time(recordings.subject, devices=devices, seed=seed)
+    else:
+        cut = split_subjects(
+            recordings.subject, devices=devices, test_subjects=test_subjects, seed=seed
+        )
 
-    def gather(rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        xs = [windows(scale(recordings.X[i]), window, stride) for i in rows]
+    def part(i: int, test: bool) -> np.ndarray:
+        """Recording ``i``, scaled; in time, its head for training or its tail for test."""
+        recording = scale(recordings.X[i])
+        if not tail:
+            return recording
+        at = int(len(recording) * (1.0 - tail))
+        return recording[at:] if test else recording[:at]
+
+    def gather(rows: Sequence[int], test: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        xs = [windows(part(i, test), window, stride) for i in rows]
         ys = [np.full(len(x), recordings.y[i], dtype=np.int64) for x, i in zip(xs, rows)]
         if not xs:
             return np.empty((0, len(CHANNELS), window), np.float32), np.empty(0, np.int64)
         return np.concatenate(xs), np.concatenate(ys)
 
-    parts = [gather(rows) for rows in split.devices]
+    parts = [gather(rows) for rows in cut.devices]
     for k, (x, _) in enumerate(parts):
         if len(x) == 0:
             raise FedmqError(
                 f"device {k} would get no {window}-sample window from its recordings "
-                f"(subjects {list(split.device_subjects[k])}): use a shorter window"
+                f"(subjects {list(cut.device_subjects[k])}): use a shorter window"
             )
-    test_x, test_y = gather(split.test)
+    test_x, test_y = gather(cut.test, test=True)
     if len(test_x) == 0:
-        raise FedmqError(f"the test subjects have no {window}-sample window: use a shorter one")
+        raise FedmqError(f"the test set has no {window}-sample window: use a shorter one")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +433,7 @@ def prepare(
     test_file = out / "test.npz"
     _save(test_file, test_x, test_y)
     task_path = out / "task.toml"
-    _write_text(task_path, task_toml(demo_task(seed, train)))
+    _write_text(task_path, task_toml(demo_task(seed, train, strategy)))
 
     data = DemoData(
         out_dir=out,
@@ -350,11 +442,12 @@ def prepare(
         test_file=test_file,
         device_sizes=tuple(len(x) for x, _ in parts),
         test_size=len(test_x),
-        device_subjects=split.device_subjects,
-        test_subjects=split.test_subjects,
+        device_subjects=cut.device_subjects,
+        test_subjects=cut.test_subjects,
         class_names=recordings.class_names,
         window=window,
         stride=stride,
+        test_tail=tail,
     )
     summary = {
         "seed": seed,
@@ -368,6 +461,8 @@ def prepare(
             "file": test_file.name,
             "windows": data.test_size,
             "subjects": list(data.test_subjects),
+            "split": split,
+            "tail_of_every_recording": tail,
         },
         "devices": [
             {"file": f.name, "windows": n, "subjects": list(s)}
