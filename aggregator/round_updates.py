@@ -65,8 +65,9 @@ class JournalUpdates(_MatrixMixin):
             )
 
     def summaries(self) -> list[tuple[str, int, dict, int]]:
-        """(device, samples, metrics, round trained for) of every accepted update, in device-id order: from
-        the strategy's own reading when it read them all, else read once more."""
+        """(device, samples, metrics, round trained for) of every accepted update, in
+        device-id order: from the strategy's own reading when it read them all, else read
+        once more."""
         if set(self._seen) != set(self.journal.accepted_devices()):
             for _ in self:
                 pass
