@@ -38,10 +38,10 @@ def task_file(path, strategy: dict):
 def files(tmp_path):
     """dev3 holds 4x the data of the others, so a round stays open a moment with updates
     journaled: a SIGKILL can land mid-round."""
-    files = write_blobs(tmp_path / "data", DEVICES, samples=12_000)
+    files = write_blobs(tmp_path / "data", DEVICES, samples=4_000)
     for device in DEVICES[:-1]:
         lines = files[device].read_text().splitlines(keepends=True)
-        files[device].write_text("".join(lines[:3_001]))
+        files[device].write_text("".join(lines[:1_001]))
     return files
 
 
