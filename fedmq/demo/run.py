@@ -208,7 +208,8 @@ def _show_split(console: Console, data, attackers: tuple[str, ...] = ()) -> None
     what = "whole subjects each"
     if data.test_tail:
         what += f", the first {100 * (1 - data.test_tail):.0f}% in time of their recordings"
-    table = Table(title=f"devices: {what} (non-IID)", title_justify="left")
+    console.print(f"devices: {what} (non-IID)")
+    table = Table()
     table.add_column("device")
     table.add_column("subjects")
     table.add_column("windows", justify="right")
