@@ -42,7 +42,9 @@ def point(
     A fresh, unclipped, unscaled update is its own weights, untouched, so that FedAvg is
     exactly the sample-weighted mean of the devices' weights. Integer buffers
     (BatchNorm's ``num_batches_tracked``) are never clipped or scaled."""
-    factor = scale * clip_factor(delta_norm(update.tensors, update.base), clip_norm)
+    factor = scale
+    if clip_norm is not None:
+        factor *= clip_factor(delta_norm(update.tensors, update.base), clip_norm)
     if factor == 1.0 and update.base is current:
         return update.tensors
     out = {}
