@@ -10,6 +10,8 @@
       devices.jsonl                 one line per (round, device): its samples and metrics
       rounds/000004/                journal of the round in progress (see journal.py)
       metrics.png                   loss and accuracy per round
+      secret.key                    32 random bytes, readable by the aggregator's user only:
+                                    keys the noise of differential privacy
 
 ``state.json`` is replaced atomically after the checkpoint it names is on disk,
 so it always points at a complete checkpoint; a metrics line for a round that
@@ -21,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,6 +98,28 @@ class RunDir:
             return {}
         payload = path.read_bytes()
         return codec.decode(payload, max_payload=len(payload)).tensors
+
+    @property
+    def secret_path(self) -> Path:
+        return self.path / "secret.key"
+
+    def secret(self) -> bytes:
+        """The run's secret, made on first use (mode 0600)."""
+        path = self.secret_path
+        if not path.exists():
+            fd = os.open(
+                path.with_name(".secret.key.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+            )
+            try:
+                os.write(fd, secrets.token_bytes(32))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(path.with_name(".secret.key.tmp"), path)
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise FedmqError(f"{path}: a run secret is 32 bytes, this file has {len(key)}")
+        return key
 
     def exists(self) -> bool:
         return self.run_json.exists()

@@ -202,12 +202,13 @@ class Aggregator:
             }
             if changes:  # e.g. more rounds for a finished run
                 self.spec = RunSpec(**{**self.spec.__dict__, **changes})
-            self.strategy = strategies.build(self.spec.task.strategy)
+            self.strategy = strategies.build(self.spec.task.strategy, self.spec.task.privacy)
             self.strategy.load_state(self.run_dir.strategy_state(self.state.completed_round))
         else:
             if config.task is None:
                 raise FedmqError("a new run needs a task (--task FILE)")
-            self.strategy = strategies.build(config.task.strategy)  # refuse before writing
+            # refuse a bad [strategy] or [privacy] before writing anything
+            self.strategy = strategies.build(config.task.strategy, config.task.privacy)
             spec = RunSpec(
                 federation=config.federation,
                 task_json=config.task.to_json(),
@@ -218,6 +219,8 @@ class Aggregator:
             self.weights = initial_weights(config.task, config.architectures)
             self.state = self.run_dir.create(spec, self.weights)
             self.spec = spec
+        if self.strategy.needs_secret:
+            self.strategy.use_secret(self.run_dir.secret())
         self._refused.update(self.state.totals.get("refused_messages", {}))
         if self.strategy.min_updates > self.spec.min_devices:
             log.warning(
@@ -779,6 +782,9 @@ class Aggregator:
         }
         if current.selected is not None:
             row["selected"] = list(current.selected)
+        privacy = getattr(self.strategy, "privacy_report", None)  # (epsilon, delta) so far
+        if privacy is not None:
+            row["privacy"] = privacy(current.number)
         chosen = getattr(self.strategy, "last_selected", None)  # Krum's pick, say
         if chosen is not None:
             row["chosen"] = list(chosen)
@@ -898,6 +904,7 @@ class Aggregator:
             },
             "totals": totals,
             "last_metrics": self._last_metrics,
+            "privacy": self._last_metrics.get("privacy"),
             "time": time.time(),
         }
 

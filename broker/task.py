@@ -28,8 +28,13 @@ refuses any other, before importing anything::
     name = "fedavg"                # see aggregator/strategies/ (and the README's table)
     # ... the strategy's parameters, e.g. mu = 0.01 for fedprox, fraction = 0.5 to sample
 
-The ``[strategy]`` table is kept as written here and validated by the aggregator
-(``aggregator.strategies.build``), which knows the strategies' parameters.
+    [privacy]                      # optional; differential privacy (DP-FedAvg)
+    noise_multiplier = 1.0         # sigma: noise of std sigma * clip_norm on the sum
+    clip_norm = 1.0                # C: each device's update clipped to this L2 norm
+    delta = 1e-5                   # the delta epsilon is reported at
+
+The ``[strategy]`` and ``[privacy]`` tables are kept as written here and validated
+by the aggregator (``aggregator.strategies.build``), which knows their parameters.
 """
 
 from __future__ import annotations
@@ -84,12 +89,14 @@ class TaskSpec:
     data: DataSpec = field(default_factory=DataSpec)
     seed: int = 0
     strategy: dict[str, Any] = field(default_factory=dict)  # the [strategy] table; {}: fedavg
+    privacy: dict[str, Any] = field(default_factory=dict)  # the [privacy] table; {}: none
 
     def to_json(self) -> str:
         """Canonical JSON: the same task always gives the same string (and model hash)."""
         raw = asdict(self)
-        if not raw["strategy"]:
-            del raw["strategy"]  # the default: tasks written before strategies hash the same
+        for table in ("strategy", "privacy"):
+            if not raw[table]:
+                del raw[table]  # the default: tasks written before them hash the same
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -126,7 +133,7 @@ class TaskSpec:
 
 def from_dict(raw: dict[str, Any]) -> TaskSpec:
     """Validate a parsed task (TOML tables or JSON objects) once, at the edge."""
-    unknown = set(raw) - {"model", "train", "data", "seed", "strategy"}
+    unknown = set(raw) - {"model", "train", "data", "seed", "strategy", "privacy"}
     if unknown:
         raise TaskError(f"unknown task section(s): {', '.join(sorted(unknown))}")
     model = raw.get("model")
@@ -157,16 +164,21 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
     strategy = raw.get("strategy", {})
     if not isinstance(strategy, dict) or not isinstance(strategy.get("name", ""), str):
         raise TaskError('[strategy] must be a table with name = "<strategy>"')
-    try:
-        json.dumps(strategy, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TaskError(f"[strategy] values must be plain numbers and strings: {exc}") from None
+    privacy = raw.get("privacy", {})
+    if not isinstance(privacy, dict):
+        raise TaskError("[privacy] must be a table")
+    for name, table in (("strategy", strategy), ("privacy", privacy)):
+        try:
+            json.dumps(table, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TaskError(f"[{name}] values must be plain numbers and strings: {exc}") from None
     return TaskSpec(
         model=ModelSpec(arch=model["arch"], args=args),
         train=train,
         data=DataSpec(label=data_raw.get("label", "label")),
         seed=seed,
         strategy=strategy,
+        privacy=privacy,
     )
 
 

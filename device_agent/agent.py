@@ -270,6 +270,7 @@ class Agent:
             metrics["eval_accuracy"] = before["accuracy"]
         metrics = _finite(metrics, msg.round)
         tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        tensors = hooks.finish(msg.tensors, tensors)  # e.g. clipped for differential privacy
         if cfg.poison is not None:
             tensors = self._poisoned(msg, tensors)
         meta = messages.update_metadata(

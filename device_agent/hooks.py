@@ -6,8 +6,9 @@ of settings and refuses a model that asks for any other, so a newer strategy
 never silently trains as an older one:
 
     proximal_mu   FedProx (Li et al. 2020): adds ``mu/2 * ||w - w_global||^2`` to the loss
-
-Clipping and noise for differential privacy will be added here.
+    dp_clip       DP-FedAvg (McMahan et al. 2018): the update ``w - w_global`` is clipped
+                  to this L2 norm before it is sent (the aggregator clips again: it does
+                  not take a device's word for it)
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from torch import nn
 
 from broker.errors import CodecError
 
-KNOWN = ("proximal_mu",)
+KNOWN = ("proximal_mu", "dp_clip")
 
 
 @dataclass(frozen=True)
 class TrainingHooks:
     proximal_mu: float = 0.0
+    dp_clip: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, float]) -> TrainingHooks:
@@ -39,7 +41,18 @@ class TrainingHooks:
         mu = settings.get("proximal_mu", 0.0)
         if mu < 0:
             raise CodecError(f"proximal_mu must be >= 0, got {mu}", reason="bad_metadata")
-        return cls(proximal_mu=mu)
+        clip = settings.get("dp_clip")
+        if clip is not None and clip <= 0:
+            raise CodecError(f"dp_clip must be > 0, got {clip}", reason="bad_metadata")
+        return cls(proximal_mu=mu, dp_clip=clip)
+
+    def finish(
+        self, global_weights: Mapping[str, torch.Tensor], trained: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The weights to send: ``trained``, its update clipped to ``dp_clip`` if asked."""
+        if self.dp_clip is None:
+            return trained
+        return clip_update(global_weights, trained, self.dp_clip)
 
     def penalty(self, model: nn.Module):
         """A function of the model adding the proximal term to a batch's loss (or None)."""
@@ -53,3 +66,23 @@ class TrainingHooks:
             return 0.5 * mu * total
 
         return proximal
+
+
+def clip_update(
+    global_weights: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], bound: float
+) -> dict[str, torch.Tensor]:
+    """``g + delta * min(1, bound / ||delta||)`` with ``delta = trained - g`` over the
+    floating-point tensors (L2 over all of them); integer buffers pass through."""
+    deltas = {
+        k: v.to(torch.float64) - global_weights[k].to(torch.float64)
+        for k, v in trained.items()
+        if v.dtype.is_floating_point
+    }
+    norm = float(sum(float((d * d).sum()) for d in deltas.values())) ** 0.5
+    if norm <= bound:
+        return dict(trained)
+    scale = bound / norm
+    out = dict(trained)
+    for k, d in deltas.items():
+        out[k] = (global_weights[k].to(torch.float64) + d * scale).to(trained[k].dtype)
+    return out

@@ -536,6 +536,21 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_
     default=None,
     help="The attack's scale S. [default: sign_flip 4, scale 10, noise 10, constant 1]",
 )
+@click.option(
+    "--dp-noise",
+    type=click.FloatRange(min=0),
+    metavar="SIGMA",
+    default=None,
+    help="Differential privacy (DP-FedAvg): Gaussian noise of std SIGMA * C on the sum of "
+    "the clipped updates; prints epsilon at delta = 1e-5.",
+)
+@click.option(
+    "--dp-clip",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="C",
+    default=None,
+    help="With --dp-noise: each device's update is clipped to L2 norm C. [default: 1.0]",
+)
 @fedmq_errors
 def demo(
     devices: int | None,
@@ -547,6 +562,8 @@ def demo(
     attack: str | None,
     attackers: float | None,
     attack_scale: float | None,
+    dp_noise: float | None,
+    dp_clip: float | None,
 ) -> None:
     """Federated learning on real smartwatch data, on this machine, end to end.
 
@@ -576,12 +593,18 @@ def demo(
         devices,
         len(plan.attackers) if plan else 0,
     )
+    if dp_clip is not None and dp_noise is None:
+        raise click.UsageError("--dp-clip needs --dp-noise (the noise multiplier)")
+    privacy = None
+    if dp_noise is not None:
+        privacy = {"noise_multiplier": dp_noise, "clip_norm": dp_clip or 1.0, "delta": 1e-5}
     run_demo(
         devices=devices,
         rounds=rounds,
         seed=seed,
         run_dir=run_dir,
         strategy=table or None,
+        privacy=privacy,
         attack=plan,
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from aggregator.checkpoint import RunDir
@@ -28,8 +29,13 @@ ROUNDS = 3
 
 
 def task_file(path, strategy: dict):
+    """The blobs task with a [strategy] table (and a [privacy] one from its "privacy")."""
+    strategy = dict(strategy)
+    privacy = strategy.pop("privacy", {})
     lines = [BLOBS_TASK, "[strategy]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in strategy.items()]
+    if privacy:
+        lines += ["[privacy]", *(f"{k} = {json.dumps(v)}" for k, v in privacy.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -93,6 +99,9 @@ STATEFUL = {
     # which buffer otherwise depends on timing, crash or no crash)
     "fedbuff": {"name": "fedbuff", "buffer_size": 3, "max_staleness": 2},
     "sampled": {"name": "fedadam", "eta": 0.05, "fraction": 0.67},
+    # the noise is drawn from a generator keyed by the run's secret: a resumed run adds
+    # exactly the noise the uninterrupted one did
+    "dp": {"name": "fedavg", "privacy": {"noise_multiplier": 0.5, "clip_norm": 1.0}},
 }
 
 
@@ -117,7 +126,7 @@ def test_sigkill_then_resume_ends_bit_identical(federation, tmp_path, files, whi
     done, journaled = sigkill(agg, run_dir)
     print(f"{which}: killed with {done} rounds done, {journaled} updates in the open round")
     assert 1 <= done < ROUNDS
-    if which != "fedbuff":  # its buffer is the round's journal: no state of its own
+    if which not in ("fedbuff", "dp"):  # no state of their own (journal, secret)
         assert RunDir(run_dir).strategy_state(done), "no strategy state checkpointed"
     agg = fed.spawn_aggregator("--run-dir", str(run_dir), "--resume", log=log)
     assert agg.wait(90) == 0, log.read_text()
@@ -204,3 +213,20 @@ def test_fedbuff_does_not_wait_for_a_slow_device_and_weighs_its_stale_updates(
         assert agg.state.totals.get("late", 0) >= 1  # dev3's, refused as too old
     else:
         assert any(device == "dev3" for _, device, _ in stale), stale
+
+
+def test_differential_privacy_reports_epsilon_after_every_round(federation, tmp_path, files):
+    from aggregator.privacy import accountant
+
+    privacy = {"noise_multiplier": 1.0, "clip_norm": 0.5, "delta": 1e-5}
+    weights, rows = run_in_process(
+        federation, tmp_path, files, {"name": "fedavg", "privacy": privacy}, "dp"
+    )
+    reports = [r["privacy"] for r in rows]
+    print("epsilon per round:", [round(r["epsilon"], 3) for r in reports])
+    assert [r["rounds"] for r in reports] == list(range(1, ROUNDS + 1))
+    for r in reports:
+        assert r["epsilon"] == accountant.epsilon(1.0, 1.0, r["rounds"], 1e-5)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    key = (tmp_path / "dp" / "secret.key").stat()
+    assert key.st_mode & 0o077 == 0, oct(key.st_mode)  # the noise key: the aggregator's only

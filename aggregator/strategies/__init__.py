@@ -34,7 +34,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def build(table: Mapping[str, Any] | None) -> Strategy:
+def build(table: Mapping[str, Any] | None, privacy: Mapping[str, Any] | None = None) -> Strategy:
+    """The strategy of a task's ``[strategy]`` table, made differentially private by its
+    ``[privacy]`` table if it has one (``private.py``)."""
     table = dict(table or {})
     name = table.get("name", "fedavg")
     if name not in STRATEGIES:
@@ -44,6 +46,12 @@ def build(table: Mapping[str, Any] | None) -> Strategy:
     params = Params(table)
     strategy = STRATEGIES[name](params)
     params.done(name)
+    if privacy:
+        from aggregator.strategies.private import Private  # needs dp-accounting
+
+        privacy_params = Params(privacy, section="privacy")
+        strategy = Private(strategy, privacy_params)
+        privacy_params.done("privacy")
     return strategy
 
 

@@ -89,8 +89,9 @@ class Params:
     """A [strategy] table's parameters, each read once with its type and bounds checked;
     ``done()`` refuses any key no one read. Errors name the key."""
 
-    def __init__(self, table: Mapping[str, Any]) -> None:
+    def __init__(self, table: Mapping[str, Any], section: str = "strategy") -> None:
         self._table = dict(table)
+        self._section = section
         self._read: set[str] = {"name"}
 
     def number(
@@ -112,15 +113,13 @@ class Params:
             or isinstance(value, bool)
             or not math.isfinite(value)
         ):
-            raise StrategyError(f"[strategy] {key} must be a number, got {value!r}")
+            raise StrategyError(f"[{self._section}] {key} must be a number, got {value!r}")
         if low is not None and (value < low or (low_open and value == low)):
-            raise StrategyError(
-                f"[strategy] {key} must be {'>' if low_open else '>='} {low:g}, got {value!r}"
-            )
+            bound = f"{'>' if low_open else '>='} {low:g}"
+            raise StrategyError(f"[{self._section}] {key} must be {bound}, got {value!r}")
         if high is not None and (value > high or (high_open and value == high)):
-            raise StrategyError(
-                f"[strategy] {key} must be {'<' if high_open else '<='} {high:g}, got {value!r}"
-            )
+            bound = f"{'<' if high_open else '<='} {high:g}"
+            raise StrategyError(f"[{self._section}] {key} must be {bound}, got {value!r}")
         return float(value)
 
     def integer(self, key: str, default: int | None, *, low: int = 0) -> int | None:
@@ -129,7 +128,9 @@ class Params:
         if value is None:
             return None
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise StrategyError(f"[strategy] {key} must be an integer >= {low}, got {value!r}")
+            raise StrategyError(
+                f"[{self._section}] {key} must be an integer >= {low}, got {value!r}"
+            )
         return value
 
     def flag(self, key: str, default: bool) -> bool:
@@ -140,13 +141,13 @@ class Params:
             return value
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise StrategyError(f"[strategy] {key} must be true or false, got {value!r}")
+        raise StrategyError(f"[{self._section}] {key} must be true or false, got {value!r}")
 
     def done(self, name: str) -> None:
         extra = sorted(set(self._table) - self._read)
         if extra:
             raise StrategyError(
-                f"[strategy] key(s) {', '.join(extra)} mean nothing to strategy {name!r}"
+                f"[{self._section}] key(s) {', '.join(extra)} mean nothing to strategy {name!r}"
             )
 
 
@@ -158,6 +159,7 @@ class Strategy:
     max_staleness = 0  # model versions an update may lag behind and still count
     buffer_size: int | None = None  # close after this many accepted updates (fedbuff)
     min_updates = 1  # a round waits for at least this many updates (Krum: 2f+3)
+    needs_secret = False  # True: give it the run's secret (use_secret) for its noise
 
     def __init__(self, params: Params) -> None:
         # usable with any strategy: client sampling and update-norm clipping
@@ -191,6 +193,9 @@ class Strategy:
 
     def describe(self) -> str:
         return self.name
+
+    def use_secret(self, key: bytes) -> None:
+        """The run's secret (for a strategy that draws noise no one may predict)."""
 
 
 def sample_devices(

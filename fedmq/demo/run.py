@@ -53,6 +53,7 @@ class DemoResult:
     strategy: str = "fedavg"
     attack: str = "clean"  # or the attack's description
     attackers: tuple[str, ...] = ()
+    privacy: dict | None = None  # the last round's (epsilon, delta) report, with DP
 
     @property
     def gap_points(self) -> float:
@@ -67,6 +68,7 @@ def run_demo(
     run_dir: Path | None,
     console: Console | None = None,
     strategy: dict | None = None,
+    privacy: dict | None = None,
     attack: AttackPlan | None = None,
     centralized: bool = True,
 ) -> DemoResult:
@@ -86,9 +88,11 @@ def run_demo(
     if (run_dir / "run.json").exists():
         raise FedmqError(f"{run_dir} already holds a run: choose another --run-dir")
 
-    described = build(strategy).describe()  # a bad [strategy] fails before anything starts
+    described = build(strategy, privacy).describe()  # a bad [strategy] fails before anything starts
     with console.status("preparing the watch data set..."):
-        data = watch_data.prepare(run_dir / "data", devices=devices, seed=seed, strategy=strategy)
+        data = watch_data.prepare(
+            run_dir / "data", devices=devices, seed=seed, strategy=strategy, privacy=privacy
+        )
     names = [f"watch-{k}" for k in range(devices)]
     attackers = tuple(names[k] for k in attack.attackers) if attack else ()
     _show_split(console, data, attackers)
@@ -153,6 +157,7 @@ def run_demo(
         strategy=described,
         attack="clean" if attack is None else attack.describe(),
         attackers=attackers,
+        privacy=(aggregator.run_dir.metrics() or [{}])[-1].get("privacy"),
     )
     _show_result(console, result, data)
     return result
@@ -251,6 +256,13 @@ def _show_result(console: Console, result: DemoResult, data) -> None:
             "centralized (pooled data, same epochs)", f"{100 * result.centralized_accuracy:.1f}%"
         )
     console.print(table)
+    if result.privacy:
+        p = result.privacy
+        console.print(
+            f"differential privacy: epsilon = {p['epsilon']:.2f} at delta = {p['delta']:g} "
+            f"after {p['rounds']} rounds (noise_multiplier {p['noise_multiplier']:g}, "
+            f"clip_norm {p['clip_norm']:g}, sampling rate {p['sampling_rate']:g}; RDP accountant)"
+        )
     console.print(
         f"gap: {result.gap_points:+.1f} points; {result.seconds:.0f}s in all; "
         f"run directory: {result.run_dir} (checkpoints/, metrics.jsonl, metrics.png, logs/)"

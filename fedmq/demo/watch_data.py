@@ -296,10 +296,13 @@ class DemoData:
 
 
 def demo_task(
-    seed: int = 0, train: TrainSpec = DEFAULT_TRAIN, strategy: Mapping[str, Any] | None = None
+    seed: int = 0,
+    train: TrainSpec = DEFAULT_TRAIN,
+    strategy: Mapping[str, Any] | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> TaskSpec:
     """The demo's task: a small 1-D CNN over (6, window) windows, 7 exercises; ``strategy``
-    is its ``[strategy]`` table (None: none, FedAvg)."""
+    is its ``[strategy]`` table (None: none, FedAvg), ``privacy`` its ``[privacy]``."""
     return TaskSpec(
         model=ModelSpec(
             arch="cnn1d",
@@ -313,6 +316,7 @@ def demo_task(
         train=train,
         seed=seed,
         strategy=dict(strategy or {}),
+        privacy=dict(privacy or {}),
     )
 
 
@@ -352,6 +356,8 @@ def task_toml(task: TaskSpec) -> str:
     if task.strategy:
         table = {"name": task.strategy.get("name", "fedavg"), **task.strategy}
         lines += ["[strategy]", *(f"{k} = {value(v)}" for k, v in table.items()), ""]
+    if task.privacy:
+        lines += ["[privacy]", *(f"{k} = {value(v)}" for k, v in task.privacy.items()), ""]
     return "\n".join(lines)
 
 
@@ -367,6 +373,7 @@ def prepare(
     recordings: Recordings | None = None,
     split: str = "auto",
     strategy: Mapping[str, Any] | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> DemoData:
     """Write ``device-<k>.npz`` (k = 0 .. devices-1), ``test.npz``, ``task.toml``, ``split.json``.
 
@@ -433,7 +440,7 @@ def prepare(
     test_file = out / "test.npz"
     _save(test_file, test_x, test_y)
     task_path = out / "task.toml"
-    _write_text(task_path, task_toml(demo_task(seed, train, strategy)))
+    _write_text(task_path, task_toml(demo_task(seed, train, strategy, privacy)))
 
     data = DemoData(
         out_dir=out,
