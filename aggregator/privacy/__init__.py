@@ -1,0 +1,1 @@
+"""Differential privacy for the aggregator: keyed Gaussian noise, (epsilon, delta) accounting."""
