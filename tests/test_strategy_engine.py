@@ -114,6 +114,9 @@ def test_sigkill_then_resume_ends_bit_identical(federation, tmp_path, files, whi
     task = task_file(tmp_path / "task.toml", strategy)
     run_dir, log = tmp_path / "run", tmp_path / "aggregator.log"
     args = ("--task", str(task), "--rounds", str(ROUNDS), "--min-devices", "3")
+    if "privacy" in strategy:  # the same secret, so the same noise as the reference run
+        run_dir.mkdir()
+        (run_dir / "secret.key").write_bytes((tmp_path / "reference" / "secret.key").read_bytes())
     agg = fed.spawn_aggregator(*args, "--run-dir", str(run_dir), log=log)
     for d in DEVICES:
         fed.in_thread(fed.agent(d, files[d], exit_when_done=True).run, timeout=150)
