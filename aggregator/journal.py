@@ -91,6 +91,10 @@ class RoundJournal:
         """Devices whose signed report for this round is in (accepted, duplicate, refused)."""
         return {e["device"] for e in self._entries if e["device"] and e.get("reports")}
 
+    def accepted_bytes(self) -> int:
+        """Bytes of the accepted payloads (what the round's updates cost on the wire)."""
+        return sum(entry["size"] for entry in self._accepted.values())
+
     def records_of(self, device_id: str | None) -> int:
         """How many lines this round's journal holds for ``device_id``."""
         return self._per_device[device_id]

@@ -776,6 +776,8 @@ class Aggregator:
             "contributors": result.devices,
             "samples": result.samples,
             "seconds": round(time.monotonic() - current.opened, 3),
+            "update_bytes": current.journal.accepted_bytes(),
+            "model_bytes": len(current.model_payload or b""),
             "rejected": dict(counts["rejected"]),
             "metrics": result.metrics,
             "strategy": self.strategy.name,
