@@ -124,7 +124,7 @@ def plot_device_spread(
         if key == "eval_accuracy":
             ax.set_ylim(0.0, 1.02)
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.legend(frameon=False, loc="lower right" if key == "eval_accuracy" else "upper right")
+        ax.legend(frameon=False, loc="best")
     for ax in axes:
         _round_axis(ax, all_rounds)
     return save_figure(fig, Path(out_png))
@@ -178,10 +178,9 @@ def plot_bytes(
     else:  # bars too thin to read: lines
         ax.plot(rounds, [u / scale for u in updates], color="#1f77b4", lw=1.8, label=UPDATES)
         ax.plot(rounds, [m / scale for m in models], color="#7f7f7f", lw=1.8, label=MODEL)
-    ax.set_title("Payload bytes per round")
-    ax.set_ylabel(unit)
-    ax.set_ylim(bottom=0)
-    ax.legend(frameon=False, loc="lower right")
+    ax.set_ylabel(f"payload ({unit})")
+    ax.set_ylim(0, largest / scale * 1.25)  # headroom for the legend above the bars
+    ax.legend(frameon=False, loc="upper center", ncol=2)
     _round_axis(ax, rounds)
     return save_figure(fig, Path(out_png))
 
