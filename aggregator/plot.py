@@ -22,16 +22,45 @@ from broker.errors import FedmqError
 _SERIES = ("train_loss", "eval_loss", "eval_accuracy", "test_accuracy")
 
 
-def read_metrics(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
-    """The per-round records of a ``metrics.jsonl``, sorted by round (last one wins)."""
-    path = Path(metrics_jsonl)
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or a FedmqError naming the extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FedmqError(
+            "plotting needs matplotlib: pip install 'fedmq[plot]' (or matplotlib)"
+        ) from None
+    return plt
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write ``fig`` to ``out`` whole (a reader never sees half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def read_rows(jsonl: str | Path, what: str = "metrics") -> list[dict[str, Any]]:
+    """The JSON objects of a run's ``.jsonl`` file that carry a finite ``round``, in file
+    order; blank lines and a torn last line (a run still being written) are skipped."""
+    path = Path(jsonl)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FedmqError(f"{path}: metrics file not found") from None
+        raise FedmqError(f"{path}: {what} file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise FedmqError(f"{path}: cannot read metrics: {exc}") from None
-    by_round: dict[int, dict[str, Any]] = {}
+        raise FedmqError(f"{path}: cannot read {what}: {exc}") from None
+    rows: list[dict[str, Any]] = []
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -47,7 +76,13 @@ def read_metrics(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
         r = record.get("round")
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
             continue
-        by_round[int(r)] = record
+        rows.append(record)
+    return rows
+
+
+def read_metrics(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
+    """The per-round records of a ``metrics.jsonl``, sorted by round (last one wins)."""
+    by_round = {int(record["round"]): record for record in read_rows(metrics_jsonl)}
     return [by_round[r] for r in sorted(by_round)]
 
 
@@ -80,16 +115,8 @@ def plot_metrics(
     ``baseline_accuracy`` (for example the centralized model's test accuracy) is drawn
     as a dashed horizontal line on the accuracy panel.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator, PercentFormatter
-    except ImportError:
-        raise FedmqError(
-            "plotting needs matplotlib: pip install 'fedmq[plot]' (or matplotlib)"
-        ) from None
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     records = read_metrics(metrics_jsonl)
     out = Path(out_png)
@@ -167,11 +194,4 @@ def plot_metrics(
         ax.grid(True, alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)

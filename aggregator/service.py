@@ -851,10 +851,10 @@ class Aggregator:
 
     def _plot(self) -> None:
         try:
-            from aggregator.plot import plot_metrics
+            from aggregator.run_plots import plot_run
 
-            if self.run_dir.metrics():
-                plot_metrics(self.run_dir.metrics_jsonl, self.run_dir.plot_png)
+            if self.run_dir.metrics():  # metrics.png, devices.png, bytes.png
+                plot_run(self.run_dir.path)
         except FedmqError as exc:
             log.warning("no plot: %s", exc)
 

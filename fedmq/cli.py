@@ -609,5 +609,30 @@ def demo(
     )
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the PNGs. [default: RUN_DIR]",
+)
+@fedmq_errors
+def plot(run_dir: Path, out_dir: Path | None) -> None:
+    """Draw a recorded run's figures as PNGs: loss and accuracy per round (metrics.png),
+    the spread of the devices' evaluations (devices.png), bytes per round (bytes.png).
+
+    Prints the path of each file written; a figure the run has no data for is skipped
+    with a note on stderr."""
+    from aggregator.run_plots import plot_run
+
+    result = plot_run(run_dir, out_dir)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    for path in result.written:
+        click.echo(str(path))
+
+
 if __name__ == "__main__":
     main()
