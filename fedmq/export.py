@@ -26,8 +26,10 @@ dynamic. A registered architecture's example input must be given by hand.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from broker.task import TaskSpec
 FORMAT = "fedmq-export/1"
 FORMATS = ("safetensors", "torchscript", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt", "onnx": ".onnx"}
-DEFAULT_TIME = 100  # cnn1d's example window length: 100 samples (2 s at 50 Hz)
+DEFAULT_TIME = 100  # cnn1d's example window length T, which an ONNX file is fixed to
 EXTRA = "pip install 'fedmq[export]'"
 
 
@@ -64,7 +66,10 @@ class Exported:
 
 
 def read_round(run_dir: Path, round_: int | None = None) -> RoundModel:
-    """The global model after ``round_`` (default: the last completed round) and the task."""
+    """The global model after ``round_`` (default: the last completed round) and the task.
+
+    Read-only (``RunDir.load`` would trim metrics), so a running aggregator's directory is safe.
+    """
     run = RunDir(run_dir)
     if not run.exists():
         raise ConfigError(f"{run_dir}: no run here (no run.json)")
@@ -175,12 +180,14 @@ def write_torchscript(
     path: Path, model: nn.Module, task: TaskSpec, task_json: str, time: int
 ) -> None:
     """Scripted (any input length); traced on an example input if the model cannot be."""
-    try:
-        compiled = torch.jit.script(model)
-    except Exception:  # a registered architecture that torch.jit cannot script
-        with torch.no_grad():
-            compiled = torch.jit.trace(model, example_input(task, time=time))
-    torch.jit.save(compiled, str(path), _extra_files={"task.json": task_json})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # newer torch deprecates torch.jit
+        try:
+            compiled = torch.jit.script(model)
+        except Exception:  # a registered architecture that torch.jit cannot script
+            with torch.no_grad():
+                compiled = torch.jit.trace(model, example_input(task, time=time))
+        torch.jit.save(compiled, str(path), _extra_files={"task.json": task_json})
 
 
 def require_onnx() -> None:
@@ -196,27 +203,39 @@ def write_onnx(path: Path, model: nn.Module, example: torch.Tensor, meta: dict[s
     as the model's metadata_props."""
     import onnx
 
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it warns about every optional op library it lacks
     try:
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            dynamo=True,
-            verbose=False,
-        )
+        with quiet_exporters(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's deprecation notices, not the user's
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamo=True,
+                verbose=False,
+            )
     except Exception as exc:  # torch.export fails in many ways
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FedmqError(f"ONNX export failed: {first}") from None
-    finally:
-        quiet.setLevel(level)
     proto = onnx.load(str(path))
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
+
+
+@contextlib.contextmanager
+def quiet_exporters():
+    """The ONNX exporter logs each optimisation pass and each op library it lacks at INFO or
+    WARNING; the user asked for a file, not for that."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
