@@ -465,6 +465,68 @@ _control_command(
 )
 
 
+# -- model ---------------------------------------------------------------------------
+@main.group()
+def model() -> None:
+    """A run's global model, outside fedmq."""
+
+
+@model.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--round",
+    "round_",
+    type=click.IntRange(min=0),
+    help="Round whose global model to export (0: the initial one). [default: the last completed]",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "torchscript", "onnx"]),
+    required=True,
+    help="safetensors: weights + task metadata; torchscript: torch.jit.load-able; "
+    "onnx: for onnxruntime (needs pip install 'fedmq[export]').",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write. [default: RUN_DIR/export/round-NNNNNN.<safetensors|pt|onnx>]",
+)
+@click.option(
+    "--time",
+    "time_steps",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="cnn1d only: the window length T the ONNX file takes, (N, in_channels, T).",
+)
+@arch_option
+@fedmq_errors
+def model_export(run_dir, round_, fmt, out, time_steps, arch) -> None:
+    """Write the global model of the run in RUN_DIR, with its task, as a file that loads
+    without fedmq.
+
+    \b
+    safetensors  safetensors.torch.load_file(FILE) gives the state_dict;
+                 safe_open(FILE, "pt").metadata() has task (JSON), round, arch, format
+    torchscript  torch.jit.load(FILE, _extra_files={"task.json": ""}); eval mode
+    onnx         onnxruntime.InferenceSession(FILE): input "input", output "output",
+                 dynamic batch axis; the task in the model's metadata_props
+
+    linear/mlp take (N, in_features) and cnn1d (N, in_channels, T). The model is in
+    eval mode (BatchNorm uses its running statistics).
+
+    \b
+    Example:
+      fedmq model export runs/exp1 --format onnx --out har.onnx
+    """
+    from fedmq.export import export_model
+
+    registered = architectures({}, None, arch)
+    done = export_model(run_dir, fmt, out=out, round_=round_, registry=registered, time=time_steps)
+    click.echo(f"{done.path}: {done.arch} after round {done.round} ({done.format})")
+
+
 # -- demo ----------------------------------------------------------------------------
 STRATEGY_NAMES = ("fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 
