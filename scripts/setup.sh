@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="${1:-demo,dev,privacy}"
+EXTRAS="${1:-demo,dev,privacy,export}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"   # the CPU wheel; a bare `torch` would pull CUDA
 
 apt_install() {
