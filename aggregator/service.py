@@ -31,6 +31,7 @@ import torch
 
 from aggregator import rounds, strategies
 from aggregator.checkpoint import RunDir, RunSpec
+from aggregator.device_table import STATE_DEVICE_ROWS, DeviceBook
 from aggregator.fedavg import WeightedMetrics
 from aggregator.inbox import Inbound, Inbox
 from aggregator.journal import RoundJournal, payload_digest
@@ -175,6 +176,8 @@ class Aggregator:
         self._link_lost_at: float | None = None
         self._relinked_at: float | None = None
         self.status: dict[str, str] = {}
+        # last seen, last accepted round and its metrics, for the state's device table
+        self.devices = DeviceBook(status=self.status)
         self.phase = "starting"
         self._last_state_pub = 0.0
         self._last_heartbeat = 0.0
@@ -553,6 +556,7 @@ class Aggregator:
         if device_id not in self.status and len(self.status) >= MAX_TRACKED_DEVICES:
             self._count_refused("status", "too_many_devices")
             return
+        self.devices.seen(device_id, time.time())
         previous = self.status.get(device_id)
         if previous != status:
             self.status[device_id] = status
@@ -613,6 +617,8 @@ class Aggregator:
 
     def _handle_update(self, item: Inbound, current: _Round) -> None:
         topic_device = self.topics.device_of(item.topic)
+        if topic_device and (topic_device in self.status or len(self.status) < MAX_TRACKED_DEVICES):
+            self.devices.seen(topic_device, time.time())
         digest = payload_digest(item.payload)
         if current.journal.seen(digest) or digest in self._previous_digests:
             return  # redelivered or re-sent: already accounted for
@@ -791,6 +797,7 @@ class Aggregator:
         if chosen is not None:
             row["chosen"] = list(chosen)
         device_rows = [{"round": current.number, **r} for r in result.device_rows]
+        self.devices.accepted(device_rows)
         self.run_dir.commit(
             self.state,
             current.number,
@@ -884,6 +891,8 @@ class Aggregator:
         totals["rejected"] = dict(rejected)
         totals["rejected_total"] = sum(rejected.values())
         totals["refused_messages"] = dict(self._refused)
+        online = sorted(d for d, s in self.status.items() if s in PRESENT)
+        table, unlisted = self.devices.table()  # the most recently seen; bounded
         return {
             "federation": self.config.federation,
             "run_id": self.spec.run_id,
@@ -898,11 +907,15 @@ class Aggregator:
             "min_devices": self.spec.min_devices,
             "devices": {
                 "seen": len(self.status),
-                "online": sorted(d for d, s in self.status.items() if s in PRESENT),
+                "online_count": len(online),
+                "online": online[:STATE_DEVICE_ROWS],  # bounded, like the table
+                "table": table,
+                "unlisted": unlisted,
             },
             "round_progress": {
                 "accepted": self.current.accepted if self.current is not None else 0,
                 "reported": len(self.current.journal.reporters()) if self.current else 0,
+                "quorum": self._quorum(self.current) if self.current is not None else None,
             },
             "totals": totals,
             "last_metrics": self._last_metrics,

@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import threading
-import time
 from pathlib import Path
 
 import click
@@ -375,66 +374,62 @@ def aggregator_start(
     )
 
 
-@aggregator.command("status")
-@connection_options
-@click.option(
-    "--timeout",
-    type=float,
-    default=5,
-    show_default=True,
-    help="Seconds to wait for the retained state.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON state.")
-@fedmq_errors
-def aggregator_status(
-    connection,
-    timeout,
-    as_json,
-) -> None:
-    """Show the running aggregator's state: round, phase, devices, refusals."""
-    from fedmq.operator import no_aggregator, read_state
+def status_options(func):
+    """The options of `fedmq status` and its alias `fedmq aggregator status`."""
+    for option in reversed(
+        [
+            connection_options,
+            click.option(
+                "--timeout",
+                type=float,
+                default=5,
+                show_default=True,
+                help="Seconds to wait for the retained state.",
+            ),
+            click.option(
+                "--json", "as_json", is_flag=True, help="Print the raw JSON state once (scripts)."
+            ),
+            click.option("--watch", is_flag=True, help="Redraw every second until Ctrl-C."),
+            fedmq_errors,
+        ]
+    ):
+        func = option(func)
+    return func
 
+
+def show_status(connection, timeout: float, as_json: bool, watch: bool) -> None:
+    """Read the aggregator's retained state and presence with these credentials (the
+    operator's account may read those two topics only) and print them."""
+    from fedmq.operator import read_state
+    from fedmq.status_view import show
+
+    if as_json and watch:
+        raise click.UsageError("--json prints the state once; drop --watch")
     settings, federation, _ = connection.resolve()
-    state = read_state(settings, federation, timeout=timeout)
+
+    def read() -> dict:
+        return read_state(settings, federation, timeout=timeout)
+
     if as_json:
-        click.echo(json.dumps(state, indent=2, sort_keys=True))
+        click.echo(json.dumps(read(), indent=2, sort_keys=True))
         return
-    if not state["aggregator"]["running"]:
-        click.echo(no_aggregator(federation, state))
-        return
-    click.echo(format_state(state))
+    show(read, watch=watch)
 
 
-def format_state(state: dict) -> str:
-    totals = state.get("totals", {})
-    rejected = totals.get("rejected", {})
-    lines = [
-        f"federation {state.get('federation')}: round {state.get('round')} of "
-        f"{state.get('rounds')}, {state.get('phase')}"
-        + (f", strategy {state['strategy']}" if state.get("strategy") else ""),
-        *(
-            [f"selected this round: {', '.join(state['selected'])}"]
-            if state.get("selected")
-            else []
-        ),
-        f"devices online: {', '.join(state.get('devices', {}).get('online', [])) or 'none'}",
-        f"updates accepted {totals.get('accepted', 0)}, duplicate {totals.get('duplicate', 0)}, "
-        f"late {totals.get('late', 0)}, rejected {sum(rejected.values())}"
-        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))})" if rejected else ""),
-    ]
-    last = state.get("last_metrics") or {}
-    if last:
-        shown = {"devices": last.get("devices"), "samples": last.get("samples")}
-        shown |= last.get("metrics") or {}
-        text = ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in shown.items()
-            if v is not None
-        )
-        lines.append(f"last round ({last.get('round')}): {text}")
-    age = time.time() - state.get("time", time.time())
-    lines.append(f"state published {age:.0f}s ago")
-    return "\n".join(lines)
+@main.command("status")
+@status_options
+def status_command(connection, timeout, as_json, watch) -> None:
+    """The federation at a glance: round and phase, progress towards quorum, each device
+    (status, last seen, last metrics), updates accepted and refused, whether the aggregator
+    runs. Reads only the aggregator's retained state: the operator's credentials suffice."""
+    show_status(connection, timeout, as_json, watch)
+
+
+@aggregator.command("status")
+@status_options
+def aggregator_status(connection, timeout, as_json, watch) -> None:
+    """Same as `fedmq status`."""
+    show_status(connection, timeout, as_json, watch)
 
 
 def _control_command(name: str, help_text: str, expect: set[str]) -> None:
