@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 from rich.console import Group, RenderableType
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+BAR_WIDTH = 20
 STATUS_STYLES = {"online": "green", "training": "cyan", "skipped": "yellow", "offline": "dim"}
 
 
@@ -62,18 +62,17 @@ def header(state: dict, now: float) -> Text:
     return text
 
 
-def progress(state: dict) -> RenderableType:
+def progress(state: dict) -> Text:
     """The round's accepted updates against its quorum, and how many devices reported."""
     prog = state.get("round_progress") or {}
     accepted, reported = prog.get("accepted", 0), prog.get("reported", 0)
     quorum = prog.get("quorum") or state.get("min_devices") or 1
-    grid = Table.grid(padding=(0, 1))
-    grid.add_row(
-        "round progress",
-        ProgressBar(total=quorum, completed=min(accepted, quorum), width=30),
-        f"accepted {accepted} / quorum {quorum}, reported {reported}",
-    )
-    return grid
+    filled = round(BAR_WIDTH * min(accepted, quorum) / quorum)
+    text = Text("round progress ")
+    text.append("█" * filled, "green")  # plain characters: readable without colours too
+    text.append("░" * (BAR_WIDTH - filled), "dim")
+    text.append(f" accepted {accepted} / quorum {quorum}, reported {reported}")
+    return text
 
 
 def device_table(state: dict, now: float) -> RenderableType:
@@ -132,9 +131,10 @@ def totals(state: dict) -> Text:
 def render(state: dict, now: float | None = None) -> RenderableType:
     """The whole view of one state."""
     now = time.time() if now is None else now
-    return Group(
-        header(state, now), progress(state), Text(""), device_table(state, now), totals(state)
-    )
+    parts = [header(state, now)]
+    if state.get("phase") not in ("done", "stopped"):  # no round in progress to show
+        parts.append(progress(state))
+    return Group(*parts, Text(""), device_table(state, now), totals(state))
 
 
 def show(read, *, watch: bool, interval: float = 1.0, console=None) -> None:
@@ -148,11 +148,11 @@ def show(read, *, watch: bool, interval: float = 1.0, console=None) -> None:
     from broker.errors import FedmqError
 
     console = console or Console()
-    state = read()
     if not watch:
-        console.print(render(state))
+        console.print(render(read()))
         return
     try:
+        state = read()
         with Live(render(state), console=console, refresh_per_second=4) as live:
             while True:
                 time.sleep(interval)
@@ -161,6 +161,6 @@ def show(read, *, watch: bool, interval: float = 1.0, console=None) -> None:
                 except FedmqError as exc:
                     problem = Text(f"\n{exc} (retrying)", "red")
                 view = render(state)
-                live.update(Group(view, problem) if problem else view)
+                live.update(Group(view, problem) if problem else view, refresh=True)
     except KeyboardInterrupt:
         return

@@ -13,11 +13,12 @@ from rich.console import Console
 from aggregator.device_table import STATE_DEVICE_ROWS
 from aggregator.inbox import Inbound
 from broker import signals
+from broker.errors import FedmqError
 from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.cli import main
 from fedmq.operator import read_state
-from fedmq.status_view import ago, render
+from fedmq.status_view import ago, render, show
 from tests.helpers import blobs_task, join, publish_as, wait_for, write_blobs
 
 pytestmark = pytest.mark.mosquitto
@@ -138,3 +139,27 @@ def test_ago():
         "2d ago",
     ]
     assert ago(None, 100) == "-"
+
+
+def test_watch_redraws_until_ctrl_c_and_returns_cleanly(federation, tmp_path):
+    """Each read is drawn; a failed read is shown and retried; Ctrl-C ends it without error."""
+    fed = federation(devices=["bob"])
+    agg = fed.aggregator(tmp_path / "run", TaskSpec.load(blobs_task(tmp_path)), rounds=1)
+    state = {**agg.state_snapshot(), "aggregator": {"running": True}}
+    reads = iter(
+        [state, {**state, "round": 7}, FedmqError("broker gone"), state, KeyboardInterrupt()]
+    )
+
+    def read():
+        item = next(reads)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    out = StringIO()
+    terminal = Console(file=out, width=120, force_terminal=True, color_system=None)
+    show(read, watch=True, interval=0, console=terminal)
+    assert next(reads, None) is None  # read until Ctrl-C
+    drawn = out.getvalue()
+    assert "round 7 of 1" in drawn and "broker gone (retrying)" in drawn
+    assert drawn.rsplit("round 1 of 1", 1)[1].count("retrying") == 0  # the last draw: no error
