@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,40 @@ def test_read_gathers_all_readings(tmp_path):
 def test_this_machine_reads_without_error():
     readings = read()  # whatever this host offers; never raises
     assert readings.free_mb is None or readings.free_mb > 0
+
+
+# -- the agent's command line -----------------------------------------------------------------
+def test_cli_limits_come_from_the_config_table_and_flags_override_them(tmp_path):
+    from fedmq.cli import _limits
+
+    config = {"limits": {"hours": "08:00-18:00", "max_cpu_temp": 75}}
+    none = {"hours": None, "min_free_mb": None, "max_cpu_temp": None, "require_mains": None}
+    assert _limits(config, tmp_path / "dev.toml", **none) == Limits(
+        Hours.parse("08:00-18:00"), max_cpu_temp=75.0
+    )
+    flags = {**none, "hours": "22:00-06:00", "require_mains": True}
+    assert _limits(config, tmp_path / "dev.toml", **flags) == Limits(
+        Hours.parse("22:00-06:00"), max_cpu_temp=75.0, require_mains=True
+    )
+    assert _limits({}, None, **none) == Limits()
+    with pytest.raises(ConfigError, match=r"dev.toml: \[limits\]: unknown key\(s\) max_temp"):
+        _limits({"limits": {"max_temp": 70}}, tmp_path / "dev.toml", **none)
+
+
+def test_cli_refuses_bad_limits_before_connecting(tmp_path):
+    from click.testing import CliRunner
+
+    from fedmq.cli import main
+
+    data = tmp_path / "d.csv"
+    data.write_text("x,label\n1,0\n")
+    config = tmp_path / "dev1.toml"
+    config.write_text(
+        'federation = "f"\nbroker = "127.0.0.1:9"\nusername = "dev1"\npassword = "x"\n'
+        '[limits]\nhours = "9 to 5"\n'
+    )
+    args = ["agent", "run", "--config", str(config), "--data", str(data), "--insecure"]
+    env = {k: None for k in os.environ if k.startswith("FEDMQ_")}
+    result = CliRunner(env=env).invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "dev1.toml: [limits]: hours '9 to 5' is not HH:MM-HH:MM" in result.output
