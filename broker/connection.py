@@ -40,6 +40,9 @@ class ConnectionSettings:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    # seconds between MQTT keepalive pings; None: FEDMQ_KEEPALIVE, else 30. paho's network
+    # thread sends them, so a device busy training for an hour still answers
+    keepalive: int | None = None
 
     @property
     def tls(self) -> bool:
@@ -148,7 +151,7 @@ def connect_async(
     client.connect_async(
         settings.host,
         settings.port,
-        keepalive=int(os.environ.get("FEDMQ_KEEPALIVE", "30")),
+        keepalive=settings.keepalive or int(os.environ.get("FEDMQ_KEEPALIVE", "30")),
         clean_start=not persistent,
         properties=connect_properties(persistent, receive_maximum),
     )

@@ -13,6 +13,9 @@ included), checks every field's type and raises ``CodecError`` with a reason:
     {"status": "online" | "training" | "offline" | "skipped", "device_id": "...",
      "round": 3, "capabilities": {...}, "reason": "..."}
 
+A ``reason`` (at most ``MAX_REASON`` characters) says why a device skipped a round:
+not selected, or its owner's limits ("outside training hours 08:00-18:00").
+
 ``aggregator`` (aggregator, retained; also its last will)::
 
     {"status": "online" | "offline", "instance": "<hex>", "run_id": "<hex>",
@@ -41,6 +44,7 @@ MAX_STATUS_BYTES = 4096
 MAX_PRESENCE_BYTES = 1024
 MAX_CONTROL_BYTES = 1024
 DEVICE_STATES = ("online", "training", "offline", "skipped")
+MAX_REASON = 200  # characters of a status's reason: why a device skipped a round
 COMMANDS = ("pause", "resume", "stop")
 CONTROL_MAX_AGE = 120.0  # seconds; clocks of operator and aggregator may differ a little
 
@@ -86,6 +90,8 @@ def encode_status(
     capabilities: dict | None = None,
     reason: str = "",
 ) -> bytes:
+    if len(reason) > MAX_REASON:
+        raise ValueError(f"status reason of {len(reason)} characters (limit {MAX_REASON})")
     body: dict[str, Any] = {"status": status, "device_id": device_id}
     if capabilities:
         body["capabilities"] = capabilities
@@ -106,6 +112,8 @@ def parse_status(payload: bytes) -> DeviceStatus:
         raise CodecError(f"unknown status {status[:40]!r}", reason="bad_fields")
     round_ = _field(obj, "round", int, required=False)
     reason = _field(obj, "reason", str, required=False) or ""
+    if len(reason) > MAX_REASON:
+        raise CodecError(f"reason longer than {MAX_REASON} characters", reason="bad_fields")
     return DeviceStatus(status, round_, reason)
 
 

@@ -8,6 +8,7 @@ retained ``model`` tells a device that rebooted which round is running.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import platform
@@ -25,6 +26,7 @@ from broker import codec, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import BrokerError, CodecError, ConfigError, DataError, TaskError
 from broker.topics import Topics
+from device_agent import resources
 from device_agent.data import DataFile, open_data, shape_for
 from device_agent.hooks import TrainingHooks
 from device_agent.trainer import evaluate, train_local, training_seed
@@ -51,6 +53,12 @@ class AgentConfig:
     # demos and tests of robust aggregation only: (global, trained) -> the weights sent
     # instead of the honest ones, e.g. device_agent.attacks.Attacker; signed like any update
     poison: Callable[[dict, dict], dict] | None = None
+    # when the owner lets this device train ([limits] of its config file); a round that
+    # comes while they forbid it is held back, said in its status, and checked again
+    # every ``recheck_seconds`` until it is allowed or a newer model replaces it
+    limits: resources.Limits | None = None
+    recheck_seconds: float = 30.0
+    readings_root: Path = Path("/")  # where /proc and /sys are (tests: a fake tree)
 
 
 class Agent:
@@ -66,6 +74,9 @@ class Agent:
         self._last_update: tuple[str, bytes] | None = None  # (model hash, update payload)
         self.rounds_trained = 0
         self._model_cache: tuple[str, torch.nn.Module] | None = None
+        # a selected round the limits hold back: (model, hooks, the reason said in status)
+        self._deferred: tuple[messages.ModelMessage, TrainingHooks, str] | None = None
+        self._recheck_at = 0.0
         self.client = make_client(
             config.connection,
             client_id=f"fedmq-device-{config.federation}-{config.device_id}",
@@ -122,6 +133,8 @@ class Agent:
             while not self._stop.is_set():
                 if deadline is not None and time.monotonic() > deadline:
                     return 2
+                if self._retry_deferred():
+                    return 0
                 try:
                     topic, payload = self._inbox.get(timeout=0.2)
                 except queue.Empty:
@@ -206,6 +219,7 @@ class Agent:
             log.error("refused a global model (%s): %s", exc.reason, exc)
             self.on_event("model_refused", {"reason": exc.reason})
             return False
+        self._deferred = None  # a newer model replaces one the limits held back
         if model_msg.final:  # the final model's round is one past the last one trained
             self.on_event("done", {"round": model_msg.round - 1})
             log.info("the federation finished after round %d", model_msg.round - 1)
@@ -225,7 +239,7 @@ class Agent:
             return False
         if not model_msg.selects(self.config.device_id):
             log.info("round %d: not selected this round; waiting for the next", model_msg.round)
-            self._publish_status("skipped", round_=model_msg.round)
+            self._publish_status("skipped", round_=model_msg.round, reason="not selected")
             self.on_event("not_selected", {"round": model_msg.round})
             return False
         if self._last_update is not None and self._last_update[0] == model_msg.model_hash:
@@ -236,9 +250,49 @@ class Agent:
             )
             log.info("round %d: model seen again, re-sent the update", model_msg.round)
             return False
-        self._train_and_publish(model_msg, hooks)
+        return self._train_if_allowed(model_msg, hooks)
+
+    def _train_if_allowed(self, msg: messages.ModelMessage, hooks: TrainingHooks) -> bool:
+        """Train now if the limits allow it, else hold the round back. True: leave."""
+        reason = self._why_not()
+        if reason is not None:
+            self._defer(msg, hooks, reason)
+            return False
+        self._deferred = None
+        self._train_and_publish(msg, hooks)
         self.rounds_trained += 1
         return self.config.max_rounds is not None and self.rounds_trained >= self.config.max_rounds
+
+    def _why_not(self) -> str | None:
+        limits = self.config.limits
+        if limits is None or not limits.any:
+            return None
+        readings = resources.read(self.config.readings_root)
+        return resources.why_not(limits, readings, dt.datetime.now())
+
+    def _defer(self, msg: messages.ModelMessage, hooks: TrainingHooks, reason: str) -> None:
+        """Keep the round to train later; say why in status once per round and reason."""
+        said = self._deferred is not None and self._deferred[0] is msg
+        said = said and self._deferred[2] == reason
+        self._deferred = (msg, hooks, reason)
+        self._recheck_at = time.monotonic() + self.config.recheck_seconds
+        if said:
+            return
+        log.info(
+            "round %d: not training now: %s; checking again every %gs",
+            msg.round,
+            reason,
+            self.config.recheck_seconds,
+        )
+        self._publish_status("skipped", round_=msg.round, reason=reason)
+        self.on_event("deferred", {"round": msg.round, "reason": reason})
+
+    def _retry_deferred(self) -> bool:
+        """The held-back round, once its re-check is due. True: leave."""
+        if self._deferred is None or time.monotonic() < self._recheck_at:
+            return False
+        msg, hooks, _ = self._deferred
+        return self._train_if_allowed(msg, hooks)
 
     def _model_for(self, msg: messages.ModelMessage) -> torch.nn.Module:
         if self._model_cache is None or self._model_cache[0] != msg.task_json:
@@ -309,16 +363,22 @@ class Agent:
         )
         return poisoned
 
-    def _status_payload(self, status: str, round_: int | None = None) -> bytes:
+    def _status_payload(self, status: str, round_: int | None = None, reason: str = "") -> bytes:
         capabilities = {"torch": torch.__version__, "machine": platform.machine()}
         return signals.encode_status(
-            status, self.config.device_id, round_=round_, capabilities=capabilities
+            status,
+            self.config.device_id,
+            round_=round_,
+            capabilities=capabilities,
+            reason=reason[: signals.MAX_REASON],
         )
 
-    def _publish_status(self, status: str, round_: int | None = None) -> mqtt.MQTTMessageInfo:
+    def _publish_status(
+        self, status: str, round_: int | None = None, reason: str = ""
+    ) -> mqtt.MQTTMessageInfo:
         return self.client.publish(
             self.topics.status(self.config.device_id),
-            self._status_payload(status, round_),
+            self._status_payload(status, round_, reason),
             qos=1,
             retain=True,
         )

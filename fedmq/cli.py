@@ -101,6 +101,41 @@ def agent() -> None:
 )
 @click.option("--threads", type=click.IntRange(min=1), help="Torch threads for training.")
 @click.option(
+    "--train-hours",
+    envvar="FEDMQ_TRAIN_HOURS",
+    metavar="HH:MM-HH:MM",
+    help="Train only in this daily window of local time, e.g. 08:00-18:00 (may wrap "
+    "midnight). [env FEDMQ_TRAIN_HOURS; default: hours in [limits] of --config]",
+)
+@click.option(
+    "--min-free-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="FEDMQ_MIN_FREE_MB",
+    help="Train only with this much memory available. [env FEDMQ_MIN_FREE_MB; [limits]]",
+)
+@click.option(
+    "--max-cpu-temp",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="FEDMQ_MAX_CPU_TEMP",
+    help="Train only below this CPU temperature in °C, where /sys/class/thermal tells. "
+    "[env FEDMQ_MAX_CPU_TEMP; [limits]]",
+)
+@click.option(
+    "--require-mains",
+    is_flag=True,
+    default=None,
+    envvar="FEDMQ_REQUIRE_MAINS",
+    help="Train only on mains power, where /sys/class/power_supply tells. "
+    "[env FEDMQ_REQUIRE_MAINS; [limits]]",
+)
+@click.option(
+    "--recheck",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds between checks of the limits while a round is held back.",
+)
+@click.option(
     "--timeout",
     type=float,
     help="Give up after this many seconds, with exit code 2 (errors exit with 1).",
@@ -129,11 +164,20 @@ def agent_run(
     exit_when_done,
     max_rounds,
     threads,
+    train_hours,
+    min_free_mb,
+    max_cpu_temp,
+    require_mains,
+    recheck,
     timeout,
     attack,
     attack_scale,
 ) -> None:
     """Connect, wait for rounds, train on --data, publish updates. Raw data never leaves.
+
+    A [limits] table in --config (hours, min_free_mb, max_cpu_temp, require_mains), or
+    the flags, say when this device may train; a round that comes outside them is held
+    back, its status says why, and it trains once they allow while the round is open.
 
     \b
     Example (credentials from the file `fedmq broker add-device` printed):
@@ -164,6 +208,14 @@ def agent_run(
     sign, verify = agent_hooks(
         signing_key or config.get("signing_key"), model_key or config.get("model_key")
     )
+    limits = _limits(
+        config,
+        connection.config_file,
+        hours=train_hours,
+        min_free_mb=min_free_mb,
+        max_cpu_temp=max_cpu_temp,
+        require_mains=require_mains,
+    )
     poison = None
     if attack is not None:
         from device_agent.attacks import Attacker
@@ -188,6 +240,8 @@ def agent_run(
             architectures=architectures(config, connection.config_file, arch),
             insecure=insecure,
             poison=poison,
+            limits=limits,
+            recheck_seconds=recheck,
         )
     )
     log.info(
@@ -204,6 +258,18 @@ def agent_run(
         reason = f": {problem}" if problem else " without a finished run"
         click.echo(f"Error: gave up after {timeout:g}s{reason}", err=True)
         raise click.exceptions.Exit(2)
+
+
+def _limits(config: dict, config_file: Path | None, **flags):
+    """The [limits] table of the config file, each key overridden by its flag."""
+    from device_agent.resources import Limits
+
+    table = config.get("limits")
+    where = f"{config_file}: [limits]" if config_file else "[limits]"
+    merged = dict(table) if isinstance(table, dict) else table
+    if merged is None or isinstance(merged, dict):
+        merged = {**(merged or {}), **{k: v for k, v in flags.items() if v is not None}}
+    return Limits.from_table(merged, where)
 
 
 def _config_path(config: dict, key: str, config_file: Path | None) -> Path | None:

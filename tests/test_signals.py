@@ -139,3 +139,17 @@ def test_of_two_aggregators_past_the_start_check_the_younger_yields():
     assert not signals.yields_to(younger, younger) and not signals.yields_to(younger, None)
     twin = signals.Presence("online", "ccc", since=200.0)  # same start: the id decides
     assert signals.yields_to(twin, younger) != signals.yields_to(younger, twin)
+
+
+def test_status_reason_round_trips_and_is_bounded():
+    """A device says why it skipped a round; a reason past MAX_REASON is refused both ways."""
+    said = "CPU at 81.0 °C, ceiling 75 °C"
+    payload = signals.encode_status("skipped", "bob", round_=3, reason=said)
+    assert signals.parse_status(payload) == signals.DeviceStatus("skipped", 3, said)
+    longest = "x" * signals.MAX_REASON
+    assert signals.parse_status(signals.encode_status("skipped", "b", reason=longest)).reason
+    with pytest.raises(ValueError, match="limit 200"):
+        signals.encode_status("skipped", "bob", reason=longest + "x")
+    too_long = json.dumps({"status": "skipped", "device_id": "b", "reason": longest + "x"})
+    assert judge(signals.parse_status, too_long.encode()) == "bad_fields"
+    assert judge(signals.parse_status, b'{"status": "skipped", "reason": 7}') == "bad_fields"
