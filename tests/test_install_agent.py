@@ -239,3 +239,19 @@ def test_installed_agent_starts_from_its_config_and_reports_online(tmp_path, fed
     assert removed.returncode == 0, removed.stdout + removed.stderr
     for path in (venv, unit, etc, state):
         assert not path.exists(), path
+
+
+@pytest.mark.parametrize("value", ["0", '"two"', "true"])
+def test_a_bad_threads_limit_in_the_config_is_one_line_naming_the_key(tmp_path, value):
+    from click.testing import CliRunner
+
+    from fedmq.cli import main
+
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'federation = "f"\nbroker = "127.0.0.1:1"\nusername = "d"\npassword = "p"\n'
+        f'data = "d.csv"\nthreads = {value}\n'
+    )
+    result = CliRunner().invoke(main, ["agent", "run", "--config", str(config), "--insecure"])
+    assert result.exit_code == 1
+    assert f"{config}: threads must be a whole number of at least 1" in result.output
