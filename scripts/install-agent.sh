@@ -75,7 +75,8 @@ install options:
                        downloading torch; the agent's dependencies are not pip-installed
 uninstall: stops and removes the service and the program directory; --purge also
   removes the config, credentials, data and the user it created.
-environment: TORCH_VERSION (default 2.13.0), FEDMQ_CPU_QUOTA, FEDMQ_MEMORY_MAX
+environment: TORCH_VERSION (default 2.13.0), FEDMQ_CPU_QUOTA, FEDMQ_MEMORY_MAX,
+  FEDMQ_TORCH_INDEX (extra index for torch; x86_64 default PyTorch's CPU index, empty: none)
 EOF
 }
 
@@ -112,8 +113,12 @@ for 32-bit ARM (armv7/armhf), so the agent cannot be installed. Install the 64-b
 (arm64) Raspberry Pi OS or Debian (Pi 3, 4, 5, Zero 2 W and later) and run this again."
     fi
     case "$machine" in
-        aarch64 | arm64) TORCH_INDEX="" ;;                      # PyPI's aarch64 wheel is CPU-only
-        x86_64 | amd64) TORCH_INDEX="https://download.pytorch.org/whl/cpu" ;;  # never CUDA
+        aarch64 | arm64)  # PyPI's aarch64 wheel is the CPU build
+            TORCH_SPEC="torch==$TORCH_VERSION"
+            TORCH_INDEX="${FEDMQ_TORCH_INDEX-}" ;;
+        x86_64 | amd64)  # PyPI's x86_64 wheel pulls CUDA: the +cpu build of PyTorch's index
+            TORCH_SPEC="torch==$TORCH_VERSION+cpu"
+            TORCH_INDEX="${FEDMQ_TORCH_INDEX-https://download.pytorch.org/whl/cpu}" ;;
         *) die "unsupported machine $machine: torch has wheels for aarch64 and x86_64 only" ;;
     esac
 }
@@ -186,9 +191,9 @@ make_venv() {
         run python3 -m venv --clear "$VENV"
         say "installing torch==$TORCH_VERSION (CPU) and the agent's dependencies"
         if [ -n "$TORCH_INDEX" ]; then
-            run pip_quiet --index-url "$TORCH_INDEX" "torch==$TORCH_VERSION"
+            run pip_quiet --extra-index-url "$TORCH_INDEX" "$TORCH_SPEC"
         else
-            run pip_quiet "torch==$TORCH_VERSION"
+            run pip_quiet "$TORCH_SPEC"
         fi
         run pip_quiet "${AGENT_DEPS[@]}"
     fi

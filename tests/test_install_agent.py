@@ -91,12 +91,12 @@ def test_dry_run_on_arm64_installs_cpu_torch_from_pypi_and_changes_nothing(tmp_p
     assert result.returncode == 0, result.stderr
     out = result.stdout
     # PyPI's aarch64 wheel is the CPU build: no extra index, the pinned version
-    assert "pip_quiet torch==2.13.0" in out and "--index-url" not in out
+    assert "pip_quiet torch==2.13.0\n" in out and "index-url" not in out
     assert "useradd --system" in out and "nobody-fedmq-test" in out
     assert "matplotlib" not in out and "scikit-learn" not in out
     assert not (tmp_path / "root").exists()
     x86 = script(*args, *dir_flags(dirs), "--user", "root", env={"FEDMQ_INSTALL_ARCH": "x86_64"})
-    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in x86.stdout
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu" in x86.stdout
 
 
 def test_install_needs_the_credentials_and_the_data(tmp_path):
