@@ -355,7 +355,8 @@ start_service() {
         echo "  systemctl enable --now $SERVICE    (or, without systemd: $start)"
     elif systemd_running; then
         run systemctl daemon-reload
-        run systemctl enable --now "$SERVICE"
+        run systemctl enable "$SERVICE"
+        run systemctl restart "$SERVICE"  # a re-install (upgrade) runs the new venv and config
         say "started: systemctl status $SERVICE; logs: journalctl -u $SERVICE -f"
     else
         say "installed, but systemd is not running here (a container?). Start the agent with"
