@@ -99,7 +99,12 @@ def agent() -> None:
 @click.option(
     "--max-rounds", type=click.IntRange(min=1), help="Exit after training this many rounds."
 )
-@click.option("--threads", type=click.IntRange(min=1), help="Torch threads for training.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    envvar="FEDMQ_THREADS",
+    help="Torch threads for training. [env FEDMQ_THREADS; default: threads in --config]",
+)
 @click.option(
     "--train-hours",
     envvar="FEDMQ_TRAIN_HOURS",
@@ -216,6 +221,7 @@ def agent_run(
         max_cpu_temp=max_cpu_temp,
         require_mains=require_mains,
     )
+    threads = threads or _config_threads(config, connection.config_file)
     poison = None
     if attack is not None:
         from device_agent.attacks import Attacker
@@ -283,6 +289,18 @@ def _config_path(config: dict, key: str, config_file: Path | None) -> Path | Non
         raise ConfigError(f"{config_file}: {key} must be a file name (a string)")
     path = Path(value).expanduser()
     return path if path.is_absolute() or config_file is None else config_file.parent / path
+
+
+def _config_threads(config: dict, config_file: Path | None) -> int | None:
+    """``threads = N`` of the config file (what scripts/install-agent.sh --threads writes)."""
+    from broker.errors import ConfigError
+
+    value = config.get("threads")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{config_file}: threads must be a whole number of at least 1")
+    return value
 
 
 # -- aggregator ------------------------------------------------------------------------

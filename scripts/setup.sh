@@ -25,6 +25,11 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! comman
     apt_install mosquitto mosquitto-clients
 fi
 
+if ! command -v shellcheck >/dev/null; then
+    echo "setup: installing shellcheck (the tests lint scripts/install-agent.sh)"
+    apt_install shellcheck
+fi
+
 pip_install() {
     # quiet, minus the notices some machines' pip config prints for every package
     .venv/bin/pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; }
