@@ -116,7 +116,7 @@ def plot_metrics(
     as a dashed horizontal line on the accuracy panel.
     """
     plt = pyplot()
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    from matplotlib.ticker import PercentFormatter
 
     records = read_metrics(metrics_jsonl)
     out = Path(out_png)
@@ -185,13 +185,20 @@ def plot_metrics(
 
     rounds = [int(r["round"]) for r in records]
     for ax in (ax_loss, ax_acc):
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
-        if rounds:
-            lo, hi = min(rounds), max(rounds)
-            pad = max(0.5, (hi - lo) * 0.03)
-            ax.set_xlim(lo - pad, hi + pad)
-        ax.grid(True, alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
+        round_axis(ax, rounds)
 
     return save_figure(fig, out)
+
+
+def round_axis(ax, rounds: list[int]) -> None:
+    """An x axis of whole rounds, padded, with a light grid and no top/right frame."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    if rounds:
+        lo, hi = min(rounds), max(rounds)
+        pad = max(0.5, (hi - lo) * 0.03)
+        ax.set_xlim(lo - pad, hi + pad)
+    ax.grid(True, alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)

@@ -19,7 +19,14 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.plot import plot_metrics, pyplot, read_metrics, read_rows, save_figure
+from aggregator.plot import (
+    plot_metrics,
+    pyplot,
+    read_metrics,
+    read_rows,
+    round_axis,
+    save_figure,
+)
 from broker.errors import FedmqError
 
 METRICS_PNG = "metrics.png"
@@ -60,19 +67,6 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     lo = math.floor(position)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (position - lo)
-
-
-def _round_axis(ax, rounds: list[int]) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
-    if rounds:
-        lo, hi = min(rounds), max(rounds)
-        pad = max(0.5, (hi - lo) * 0.03)
-        ax.set_xlim(lo - pad, hi + pad)
-    ax.grid(True, alpha=0.3)
-    ax.spines[["top", "right"]].set_visible(False)
 
 
 def plot_device_spread(
@@ -126,7 +120,7 @@ def plot_device_spread(
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.legend(frameon=False, loc="best")
     for ax in axes:
-        _round_axis(ax, all_rounds)
+        round_axis(ax, all_rounds)
     return save_figure(fig, Path(out_png))
 
 
@@ -181,7 +175,7 @@ def plot_bytes(
     ax.set_ylabel(f"payload ({unit})")
     ax.set_ylim(0, largest / scale * 1.25)  # headroom for the legend above the bars
     ax.legend(frameon=False, loc="upper center", ncol=2)
-    _round_axis(ax, rounds)
+    round_axis(ax, rounds)
     return save_figure(fig, Path(out_png))
 
 
