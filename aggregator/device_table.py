@@ -24,6 +24,7 @@ class DeviceBook:
     last_seen: dict[str, float] = field(default_factory=dict)
     last_round: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, dict] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # why it skipped (its status says)
 
     def seen(self, device: str, when: float) -> None:
         self.last_seen[device] = when
@@ -44,6 +45,7 @@ class DeviceBook:
                 "last_seen": self.last_seen.get(d),
                 "round": self.last_round.get(d),
                 "metrics": self.metrics.get(d, {}),
+                **({"reason": self.reasons[d]} if self.reasons.get(d) else {}),
             }
             for d in newest
         }

@@ -548,7 +548,8 @@ class Aggregator:
         if device_id is None:
             return
         try:
-            status = signals.parse_status(item.payload).status
+            parsed = signals.parse_status(item.payload)
+            status = parsed.status
         except CodecError as exc:
             log.warning("refused a status message from %s: %s (%s)", device_id, exc.reason, exc)
             self._count_refused("status", exc.reason)
@@ -557,6 +558,9 @@ class Aggregator:
             self._count_refused("status", "too_many_devices")
             return
         self.devices.seen(device_id, time.time())
+        if self.devices.reasons.get(device_id, "") != parsed.reason:
+            self.devices.reasons[device_id] = parsed.reason  # e.g. "CPU at 81.0 °C, ..."
+            self._state_dirty = True
         previous = self.status.get(device_id)
         if previous != status:
             self.status[device_id] = status

@@ -88,13 +88,16 @@ def device_table(state: dict, now: float) -> RenderableType:
         ("eval loss", "right"),
         ("train loss", "right"),
     ):
-        table.add_column(name, justify=justify, no_wrap=True)
+        table.add_column(name, justify=justify, no_wrap=name != "status")
     for device, row in rows.items():
         metrics = row.get("metrics") or {}
         status = str(row.get("status"))
+        shown = Text(status, STATUS_STYLES.get(status, ""))
+        if row.get("reason"):  # why it skipped the round: not selected, too hot, ...
+            shown.append(f" ({row['reason']})", style="dim")
         table.add_row(
             device,
-            Text(status, STATUS_STYLES.get(status, "")),
+            shown,
             ago(row.get("last_seen"), now),
             _number(row.get("round")),
             _number(metrics.get("eval_accuracy")),

@@ -63,6 +63,8 @@ def test_a_hot_device_skips_saying_why_then_trains_once_it_cools(federation, tmp
         status = wait_for(skipped, 20, "bob's skipped status")
         assert status == signals.DeviceStatus("skipped", 1, "CPU at 81.0 °C, ceiling 75 °C")
         wait_for(lambda: agg.status.get("bob") == "skipped", 5, "the aggregator to see it")
+        bob = agg.state_snapshot()["devices"]["table"]["bob"]  # what `fedmq status` shows
+        assert bob["status"] == "skipped" and bob["reason"] == "CPU at 81.0 °C, ceiling 75 °C"
         assert agent.rounds_trained == 0
         assert agg_thread.is_alive()  # the round is still open, waiting for bob
 
