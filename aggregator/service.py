@@ -401,7 +401,7 @@ class Aggregator:
         journal = RoundJournal.open(self.run_dir.path, number)
         current = _Round(
             number,
-            self._model_hash(number),
+            "",  # known once the model is encoded, at announcement (no update can match before)
             journal,
             round_phases(self.strategy, self.config.deadline),
             plan=load_plan(journal.directory),  # a restarted round tells the devices the same
@@ -420,7 +420,10 @@ class Aggregator:
             if current.plan is None:
                 current.plan = self.strategy.plan(current.number, (), self.task.seed)
                 save_plan(current.journal.directory, current.plan)
-            current.model_payload, _ = self._encode_model(current.number, plan=current.plan)
+            current.model_payload, current.model_hash = self._encode_model(
+                current.number, plan=current.plan
+            )
+            self._model_hashes[current.number] = current.model_hash
             self._announce(current)
             log.info(
                 "round %d: announced model %s (%d bytes)%s",
@@ -436,12 +439,9 @@ class Aggregator:
 
     def _model_hash(self, number: int) -> str:
         """The hash of round ``number``'s model (the checkpoint of the round before)."""
-        if number not in self._model_hashes:
-            weights = self.weights if number == self.state.completed_round + 1 else None
-            if weights is None:
-                weights = self._base_of(number)
+        if number not in self._model_hashes:  # an earlier run's round, after a resume
             self._model_hashes[number] = messages.model_hash(
-                weights,
+                self._base_of(number),
                 number,
                 self._task_json,
                 federation=self.config.federation,
