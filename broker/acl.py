@@ -3,8 +3,10 @@
 Devices are covered by ``pattern`` lines (``%u`` is the username, which is the
 device id), so adding or removing a device never changes the ACL text:
 
-    device            write updates/<itself>, status/<itself>; read model, state
-    aggregator        write model, state, aggregator; read updates/+, status/+, control
+    device            write updates/<itself>, status/<itself>, secagg/<itself>,
+                      receipts/<itself>; read model, state, round, inbox/<itself>, receipts/+
+    aggregator        write model, state, aggregator, round, inbox/+; read updates/+,
+                      status/+, secagg/+, control
     operator          write control; read state, aggregator
 
 Patterns apply to every account, so the two service accounts get explicit
@@ -48,7 +50,11 @@ def render_acl(
 
     def service(user: str, lines: list[str]) -> list[str]:
         # what the device patterns would give this account under its own name
-        denied = [f"topic deny {t.update(user)}", f"topic deny {t.status(user)}"]
+        denied = [
+            f"topic deny {topic}"
+            for topic in (t.update(user), t.status(user), t.secagg(user), t.receipt(user))
+        ]
+        denied.append(f"topic deny {t.inbox(user)}")
         return ["", f"user {user}", *denied, *lines]
 
     out = [
@@ -59,6 +65,12 @@ def render_acl(
         f"pattern write {status_pattern}",
         f"pattern read {t.model}",
         f"pattern read {t.state}",
+        "# secure aggregation (broker/secagg/wire.py)",
+        f"pattern write {t.base}/secagg/%u",
+        f"pattern write {t.base}/receipts/%u",
+        f"pattern read {t.base}/inbox/%u",
+        f"pattern read {t.round}",
+        f"pattern read {t.base}/receipts/+",
     ]
     out += service(
         aggregator_user,
@@ -68,6 +80,9 @@ def render_acl(
             f"topic readwrite {t.aggregator}",
             f"topic read {t.updates_filter}",
             f"topic read {t.status_filter}",
+            f"topic readwrite {t.round}",
+            f"topic write {t.base}/inbox/+",
+            f"topic read {t.secagg_filter}",
             f"topic read {t.control}",
         ],
     )

@@ -17,6 +17,7 @@ device's bundle is its .toml plus the files named in it (``bundle_files``).
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import fcntl
 import json
@@ -31,8 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from broker import identity
 from broker.acl import AGGREGATOR_USER, OPERATOR_USER, check_device_id, render_acl
 from broker.connection import ConnectionSettings, parse_address
 from broker.errors import BrokerError, ConfigError
@@ -46,7 +48,7 @@ from broker.passwords import (
     write_secret_file,
 )
 from broker.pki import CertificateAuthority
-from broker.signing import generate_keypair, load_public
+from broker.signing import generate_keypair, load_private, load_public
 from broker.topics import check_name
 
 if sys.version_info >= (3, 11):
@@ -56,8 +58,24 @@ else:  # pragma: no cover
 
 HOME_FILE = "home.toml"
 ROLES = {AGGREGATOR_USER: "aggregator", OPERATOR_USER: "operator"}
-PATH_KEYS = ("ca_file", "cert_file", "key_file", "signing_key", "model_key", "device_keys")
-STRING_KEYS = ("federation", "broker", "username", "password", "device_id", "role")
+PATH_KEYS = (
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "signing_key",
+    "model_key",
+    "device_keys",
+    "registry_key",
+)
+STRING_KEYS = (
+    "federation",
+    "broker",
+    "username",
+    "password",
+    "device_id",
+    "role",
+    "identity_cert",
+)
 _WILDCARD_BINDS = ("", "0.0.0.0", "::", "*")
 
 
@@ -264,6 +282,7 @@ class BrokerHome:
             generate_keypair(staging / "keys/aggregator.key", staging / "keys/aggregator.pub")
             shutil.copyfile(staging / "keys/aggregator.pub", staging / "credentials/aggregator.pub")
             home = cls(staging)
+            home._registry()
             home._save_accounts({})
             for account in (AGGREGATOR_USER, OPERATOR_USER):
                 home._add_account(account, ROLES[account])
@@ -290,6 +309,15 @@ class BrokerHome:
     device_keys_dir = property(lambda self: self.path / "keys" / "devices")
     aggregator_key_path = property(lambda self: self.path / "keys" / "aggregator.key")
     aggregator_public_key_path = property(lambda self: self.path / "keys" / "aggregator.pub")
+    registry_key_path = property(lambda self: self.path / "keys" / "registry.key")
+
+    def _registry(self) -> Ed25519PrivateKey:
+        """The federation registry's key, which certifies device keys for secure
+        aggregation (``broker/identity.py``); made on first use in a home from before it."""
+        if not self.registry_key_path.exists():
+            generate_keypair(self.registry_key_path, self.path / "keys" / "registry.pub")
+            shutil.copyfile(self.path / "keys/registry.pub", self.credentials_dir / "registry.pub")
+        return load_private(self.registry_key_path)
 
     def credentials_path(self, account: str) -> Path:
         """The credentials file of ``account`` (a device id, or a service account name)."""
@@ -352,11 +380,14 @@ class BrokerHome:
             ca.issue_client(account, key, crt)
             creds["cert_file"], creds["key_file"] = f"{account}.crt", f"{account}.key"
         if role == "device":
-            generate_keypair(
+            key = generate_keypair(
                 self.credentials_dir / f"{account}.ed25519", self.device_keys_dir / f"{account}.pub"
             )
             creds["signing_key"] = f"{account}.ed25519"
             creds["model_key"] = "aggregator.pub"
+            cert = identity.certify(self._registry(), self.federation, account, key.public_key())
+            creds["registry_key"] = "registry.pub"
+            creds["identity_cert"] = base64.b64encode(cert).decode()
         elif role == "aggregator":
             creds["signing_key"] = "../keys/aggregator.key"
             creds["device_keys"] = "../keys/devices"

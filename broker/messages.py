@@ -233,6 +233,23 @@ def decode_update(
 ) -> UpdateMessage:
     p: Payload = decode(payload, schema=schema, **limits)
     meta = p.metadata
+    metrics = parse_metrics(meta)
+    return UpdateMessage(
+        round=_int(meta, "round", minimum=1),
+        device_id=_required(meta, "device_id"),
+        num_samples=_int(meta, "num_samples", minimum=1, maximum=max_samples),
+        base_hash=_required(meta, "base_hash"),
+        metrics=metrics,
+        tensors=p.tensors,
+        metadata=meta,
+        federation=meta.get("federation", ""),
+        run_id=meta.get("run_id", ""),
+    )
+
+
+def parse_metrics(meta: Mapping[str, str]) -> dict[str, float]:
+    """The ``metrics`` metadata of a device's message: a bounded JSON object of finite
+    numbers; ``CodecError`` otherwise."""
     metrics_raw = _required(meta, "metrics")
     if len(metrics_raw) > MAX_METRICS_JSON:
         raise CodecError(
@@ -260,17 +277,7 @@ def decode_update(
             "metadata 'metrics' must map names of 1-64 characters to finite numbers",
             reason="bad_metadata",
         )
-    return UpdateMessage(
-        round=_int(meta, "round", minimum=1),
-        device_id=_required(meta, "device_id"),
-        num_samples=_int(meta, "num_samples", minimum=1, maximum=max_samples),
-        base_hash=_required(meta, "base_hash"),
-        metrics={k: float(v) for k, v in metrics.items()},
-        tensors=p.tensors,
-        metadata=meta,
-        federation=meta.get("federation", ""),
-        run_id=meta.get("run_id", ""),
-    )
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def _required(meta: Mapping[str, str], key: str) -> str:

@@ -33,8 +33,12 @@ refuses any other, before importing anything::
     clip_norm = 1.0                # C: each device's update clipped to this L2 norm
     delta = 1e-5                   # the delta epsilon is reported at
 
-The ``[strategy]`` and ``[privacy]`` tables are kept as written here and validated
-by the aggregator (``aggregator.strategies.build``), which knows their parameters.
+    [secure_aggregation]           # optional; SecAgg+: the aggregator sees only the sum
+    clip_range = 1.0               # each coordinate of a weighted update, clipped to +-this
+
+The ``[strategy]``, ``[privacy]`` and ``[secure_aggregation]`` tables are kept as
+written here and validated by the aggregator (``aggregator.strategies.build``), which
+knows their parameters.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 OPTIMIZERS = ("sgd", "adam")
+OPTIONAL_TABLES = ("strategy", "privacy", "secure_aggregation")  # left out of JSON when empty
 LOSSES = ("mse", "mse_sum", "cross_entropy")
 
 
@@ -90,11 +95,13 @@ class TaskSpec:
     seed: int = 0
     strategy: dict[str, Any] = field(default_factory=dict)  # the [strategy] table; {}: fedavg
     privacy: dict[str, Any] = field(default_factory=dict)  # the [privacy] table; {}: none
+    # the [secure_aggregation] table; {}: updates are sent in the clear (signed)
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Canonical JSON: the same task always gives the same string (and model hash)."""
         raw = asdict(self)
-        for table in ("strategy", "privacy"):
+        for table in OPTIONAL_TABLES:
             if not raw[table]:
                 del raw[table]  # the default: tasks written before them hash the same
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
@@ -133,7 +140,7 @@ class TaskSpec:
 
 def from_dict(raw: dict[str, Any]) -> TaskSpec:
     """Validate a parsed task (TOML tables or JSON objects) once, at the edge."""
-    unknown = set(raw) - {"model", "train", "data", "seed", "strategy", "privacy"}
+    unknown = set(raw) - {"model", "train", "data", "seed", *OPTIONAL_TABLES}
     if unknown:
         raise TaskError(f"unknown task section(s): {', '.join(sorted(unknown))}")
     model = raw.get("model")
@@ -164,10 +171,12 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
     strategy = raw.get("strategy", {})
     if not isinstance(strategy, dict) or not isinstance(strategy.get("name", ""), str):
         raise TaskError('[strategy] must be a table with name = "<strategy>"')
-    privacy = raw.get("privacy", {})
-    if not isinstance(privacy, dict):
-        raise TaskError("[privacy] must be a table")
-    for name, table in (("strategy", strategy), ("privacy", privacy)):
+    tables = {"strategy": strategy}
+    for name in ("privacy", "secure_aggregation"):
+        tables[name] = raw.get(name, {})
+        if not isinstance(tables[name], dict):
+            raise TaskError(f"[{name}] must be a table")
+    for name, table in tables.items():
         try:
             json.dumps(table, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -178,7 +187,8 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
         data=DataSpec(label=data_raw.get("label", "label")),
         seed=seed,
         strategy=strategy,
-        privacy=privacy,
+        privacy=tables["privacy"],
+        secure_aggregation=tables["secure_aggregation"],
     )
 
 

@@ -91,8 +91,11 @@ def test_acl_text() -> None:
         f"topic deny fedmq/demo/updates/{OPERATOR_USER}",
     ]:
         assert line in lines
-    # no account gets a wildcard write, nobody but the aggregator reads updates
-    assert not any(re.match(r"(pattern|topic) (write|readwrite) .*[+#]", x) for x in lines)
+    # no account gets a wildcard write but the aggregator's to the devices' secure-aggregation
+    # inboxes (each device reads only its own); nobody but the aggregator reads updates
+    wild = [x for x in lines if re.match(r"(pattern|topic) (write|readwrite) .*[+#]", x)]
+    assert wild == ["topic write fedmq/demo/inbox/+"]
+    assert "pattern read fedmq/demo/inbox/%u" in lines
     assert "fedmq/other/" in render_acl("other") and "fedmq/demo" not in render_acl("other")
 
 

@@ -34,7 +34,10 @@ class KeyPair:
 
     @classmethod
     def generate(cls) -> KeyPair:
-        private = X25519PrivateKey.generate()
+        return cls.from_private(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_private(cls, private: X25519PrivateKey) -> KeyPair:
         return cls(private, private.public_key().public_bytes_raw())
 
 
