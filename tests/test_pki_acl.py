@@ -220,7 +220,19 @@ def test_home_layout_and_file_modes(tmp_path: Path) -> None:
         creds["key_file"],
         creds["signing_key"],
         creds["model_key"],
+        creds["registry_key"],
     }
+    # the registry vouches for the device's key (secure aggregation checks peers with it)
+    from broker import identity, signing
+
+    identity.check(
+        signing.load_public(creds["registry_key"]),
+        "demo",
+        "dev1",
+        identity.raw_public(home.device_public_keys()["dev1"]),
+        base64.b64decode(creds["identity_cert"]),
+    )
+    assert not agg.get("registry_key")  # the aggregator's bundle has no registry key
     reopened = BrokerHome(home.path)
     assert (reopened.federation, reopened.tls, reopened.client_certs, reopened.plaintext) == (
         "demo",
