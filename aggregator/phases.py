@@ -10,8 +10,14 @@ kinds it takes in and a deadline. Today's rounds:
              close rule holds (every present selected device reported, or for fedbuff
              ``buffer_size`` accepted updates) or the deadline passes
 
-Secure aggregation adds phases (key advertisement, shares, masked input,
-unmasking) after ``train``'s announcement, each with its own topics and deadline.
+With ``[secure_aggregation]`` (``aggregator/secure_round.py``) ``train`` becomes:
+
+    keys     announce the model with the plan and a fresh session; collect the selected
+             devices' key advertisements, then publish the roster
+    shares   collect each device's sealed shares for its neighbours, then deliver them
+    masked   collect masked inputs (the devices train meanwhile) until the close rule
+             holds or the deadline, then name the survivors
+    unmask   collect the survivors' shares until every mask can be removed, then close
 """
 
 from __future__ import annotations
@@ -32,12 +38,25 @@ class Phase:
     state: str = "collecting"  # what the aggregator's state topic says meanwhile
 
 
-def round_phases(strategy: Strategy, deadline: float | None) -> tuple[Phase, ...]:
+def round_phases(
+    strategy: Strategy, deadline: float | None, secure_deadline: float | None = None
+) -> tuple[Phase, ...]:
+    """The phases of a round; ``secure_deadline`` (seconds of each short secure phase)
+    only for secure aggregation, whose rounds always select: the masks are sized for the
+    devices named at the start."""
     phases = []
-    if strategy.fraction < 1.0:
+    if strategy.fraction < 1.0 or secure_deadline is not None:
         phases.append(Phase("select", takes=("status",), deadline=None, state="selecting"))
-    phases.append(Phase("train", takes=("updates",), deadline=deadline, state="collecting"))
-    return tuple(phases)
+    if secure_deadline is None:
+        phases.append(Phase("train", takes=("updates",), deadline=deadline, state="collecting"))
+        return tuple(phases)
+    return (
+        *phases,
+        Phase("keys", takes=("secagg",), deadline=secure_deadline, state="advertising"),
+        Phase("shares", takes=("secagg",), deadline=secure_deadline, state="sharing"),
+        Phase("masked", takes=("secagg",), deadline=deadline, state="collecting"),
+        Phase("unmask", takes=("secagg",), deadline=secure_deadline, state="unmasking"),
+    )
 
 
 def plan_path(round_dir: Path) -> Path:

@@ -36,12 +36,16 @@ from aggregator.fedavg import WeightedMetrics
 from aggregator.inbox import Inbound, Inbox
 from aggregator.journal import RoundJournal, payload_digest
 from aggregator.phases import Phase, load_plan, round_phases, save_plan
-from aggregator.round_updates import JournalUpdates
-from aggregator.strategies.base import RoundPlan, Strategy
+from aggregator.round_updates import JournalUpdates, ListUpdates
+from aggregator.secure_round import SecureFailure, SecureRound
+from aggregator.secure_settings import secure_settings
+from aggregator.strategies.base import RoundPlan, Strategy, Update
 from broker import codec, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import CodecError, ConfigError, FedmqError
 from broker.retained import read_retained
+from broker.secagg import wire as secagg_wire
+from broker.secagg.plan import MIN_ROSTER, SecurePlan
 from broker.task import TaskSpec
 from broker.topics import Topics
 
@@ -99,9 +103,12 @@ class _Round:
     opened: float = field(default_factory=time.monotonic)
     phase_started: float = field(default_factory=time.monotonic)
     flooding: set[str] = field(default_factory=set)  # devices over their journal bound
+    secure: SecureRound | None = None  # the secure-aggregation session, in its phases
 
     @property
     def accepted(self) -> int:
+        if self.secure is not None:
+            return len(self.secure.metrics)  # masked inputs summed
         return len(self.journal.accepted_devices())
 
     @property
@@ -146,6 +153,36 @@ def aggregate_round(
         weights=weights,
         devices=[row["device"] for row in rows],
         samples=samples,
+        metrics=means.means(),
+        device_rows=rows,
+    )
+
+
+def aggregate_secure(
+    strategy: Strategy, current: dict[str, torch.Tensor], secure: SecureRound
+) -> RoundResult:
+    """The strategy's next model from a secure round's unmasked sum: to the strategy it is
+    one update, the survivors' weighted mean, carrying their summed weight. The devices'
+    metrics came in the clear beside their masked inputs; their sample counts did not,
+    so the round's metrics are plain means."""
+    mean, samples = secure.result()
+    summed = getattr(strategy, "inner", strategy)  # DP: the devices clipped and noised
+    update = Update(
+        device="(secure sum)",
+        num_samples=max(1, round(samples)),
+        tensors=mean,
+        round=secure.round,
+        base=current,
+    )
+    weights = summed.aggregate(current, ListUpdates([update], current, round_=secure.round))
+    means, rows = WeightedMetrics(), []
+    for device in sorted(secure.metrics):
+        means.fold(secure.metrics[device], 1)
+        rows.append({"device": device, "num_samples": None, "metrics": secure.metrics[device]})
+    return RoundResult(
+        weights=weights,
+        devices=list(secure.survivors),
+        samples=round(samples),
         metrics=means.means(),
         device_rows=rows,
     )
@@ -207,11 +244,13 @@ class Aggregator:
                 self.spec = RunSpec(**{**self.spec.__dict__, **changes})
             self.strategy = strategies.build(self.spec.task.strategy, self.spec.task.privacy)
             self.strategy.load_state(self.run_dir.strategy_state(self.state.completed_round))
+            self.secure = secure_settings(self.spec.task.secure_aggregation, self.strategy)
         else:
             if config.task is None:
                 raise FedmqError("a new run needs a task (--task FILE)")
             # refuse a bad [strategy] or [privacy] before writing anything
             self.strategy = strategies.build(config.task.strategy, config.task.privacy)
+            self.secure = secure_settings(config.task.secure_aggregation, self.strategy)
             spec = RunSpec(
                 federation=config.federation,
                 task_json=config.task.to_json(),
@@ -273,6 +312,7 @@ class Aggregator:
                 (self.topics.status_filter, mqtt.SubscribeOptions(qos=1)),
                 (self.topics.control, mqtt.SubscribeOptions(qos=1)),
                 (self.topics.aggregator, mqtt.SubscribeOptions(qos=1)),
+                (self.topics.secagg_filter, mqtt.SubscribeOptions(qos=1)),
             ]
         )
         self._publish_presence()
@@ -403,11 +443,15 @@ class Aggregator:
             number,
             "",  # known once the model is encoded, at announcement (no update can match before)
             journal,
-            round_phases(self.strategy, self.config.deadline),
+            round_phases(
+                self.strategy,
+                self.config.deadline,
+                None if self.secure is None else self.secure.phase_deadline,
+            ),
             plan=load_plan(journal.directory),  # a restarted round tells the devices the same
         )
         if current.plan is not None:  # drawn before the crash: straight to training
-            current.phase_index = len(current.phases) - 1
+            current.phase_index = 1 if current.phases[0].name == "select" else 0
         self.on_event("round_open", {"round": number, "replayed": current.accepted})
         self._enter_phase(current)
         return current
@@ -416,13 +460,27 @@ class Aggregator:
         current.phase_started = time.monotonic()
         self.phase = current.phase.state
         self._state_dirty = True
-        if current.phase.name == "train":
+        if current.phase.name in ("train", "keys"):  # announce the model with the plan
             if current.plan is None:
                 current.plan = self.strategy.plan(current.number, (), self.task.seed)
                 save_plan(current.journal.directory, current.plan)
+            secure = None
+            if current.phase.name == "keys":  # a fresh session for every attempt
+                secure = self.secure.plan(len(current.selected))
             current.model_payload, current.model_hash = self._encode_model(
-                current.number, plan=current.plan
+                current.number, plan=current.plan, secure=secure
             )
+            if secure is not None:
+                current.secure = SecureRound(
+                    plan=secure,
+                    round=current.number,
+                    model_hash=current.model_hash,
+                    selected=current.selected,
+                    template=self.weights,
+                    federation=self.config.federation,
+                    run_id=self.spec.run_id,
+                    sign=self.config.sign_model,
+                )
             self._model_hashes[current.number] = current.model_hash
             self._announce(current)
             log.info(
@@ -465,8 +523,15 @@ class Aggregator:
         return {r: self._model_hash(r) for r in range(oldest, current.number)}
 
     def _encode_model(
-        self, number: int, final: bool = False, plan: RoundPlan | None = None
+        self,
+        number: int,
+        final: bool = False,
+        plan: RoundPlan | None = None,
+        secure: SecurePlan | None = None,
     ) -> tuple[bytes, str]:
+        plan_json = None if plan is None else plan.to_json()
+        if secure is not None:
+            plan_json = {**plan_json, "secure": secure.to_json()}
         return messages.encode_model(
             self.weights,
             number,
@@ -474,7 +539,7 @@ class Aggregator:
             final=final,
             federation=self.config.federation,
             run_id=self.spec.run_id,
-            plan=None if plan is None else plan.to_json(),
+            plan=plan_json,
             sign=self.config.sign_model,
         )
 
@@ -492,10 +557,14 @@ class Aggregator:
         """Client sampling: once enough devices are known to be up, draw the round's sample."""
         available = sorted(d for d, s in self.status.items() if s in AVAILABLE)
         needed = max(self.spec.min_devices, self.strategy.min_selected)
+        if self.secure is not None:
+            needed = max(needed, MIN_ROSTER)
         waited = time.monotonic() - current.phase_started
         if len(available) < needed or waited < SELECT_SETTLE:
             return current
         current.plan = self.strategy.plan(current.number, available, self.task.seed)
+        if current.plan.selected is None:  # secure aggregation names every device it sums
+            current.plan = RoundPlan(selected=tuple(available), train=current.plan.train)
         save_plan(current.journal.directory, current.plan)
         log.info(
             "round %d: selected %d of %d available devices: %s",
@@ -526,6 +595,8 @@ class Aggregator:
         try:
             if kind == "updates":
                 self._handle_update(item, current)
+            elif kind == "secagg":
+                self._handle_secure(item, current)
             elif kind == "status":
                 self._handle_status(item)
             elif kind == "control":
@@ -704,14 +775,7 @@ class Aggregator:
 
     def _phase_train(self, current: _Round) -> _Round | None:
         """Close the round when the strategy's close rule holds, retry or stop when short."""
-        present = rounds.present_devices(
-            self.status,
-            self._offline_at,
-            link_lost_at=self._link_lost_at,
-            relinked_at=self._relinked_at,
-            now=time.monotonic(),
-            grace=RECONNECT_GRACE,
-        )
+        present = self._present()
         if current.selected is not None:
             present &= set(current.selected)
         quorum = self._quorum(current)
@@ -741,6 +805,139 @@ class Aggregator:
             self.phase = current.phase.state
             return self._short(current, f"round {current.number}: {exc}")
 
+    # -- secure aggregation (aggregator/secure_round.py) ----------------------------------
+    def _handle_secure(self, item: Inbound, current: _Round) -> None:
+        """One device's secure-aggregation message: checked, signed, for this session."""
+        device = self.topics.device_of(item.topic) or ""
+        secure = current.secure
+        try:
+            if secure is None:
+                raise CodecError("no secure round is open", reason="wrong_phase")
+            msg = secagg_wire.decode(
+                item.payload,
+                max_payload=self.config.max_payload,
+                length=secure.length,
+            )
+            if msg.device_id != device:
+                raise CodecError("device_id is not the topic's device", reason="wrong_device")
+            if self.config.verify_update is not None:
+                self.config.verify_update(device, msg.tensors, msg.metadata)
+            step = {
+                "keys": secure.take_keys,
+                "shares": secure.take_shares,
+                "reveal": secure.take_reveal,
+            }.get(msg.kind)
+            if msg.kind == "masked":
+                fresh = secure.take_masked(msg, len(item.payload))
+            elif step is not None:
+                fresh = step(msg)
+            else:
+                raise CodecError(f"a device may not send {msg.kind}", reason="wrong_phase")
+        except CodecError as exc:
+            log.warning(
+                "round %d: refused a secure message from %s: %s (%s)",
+                current.number,
+                device,
+                exc.reason,
+                exc,
+            )
+            self._count_refused("secagg", exc.reason)
+            return
+        if fresh:
+            self.devices.seen(device, time.time())
+            self._state_dirty = True
+            self.on_event("secure", {"round": current.number, "device": device, "kind": msg.kind})
+
+    def _secure_close(self, current: _Round, expected: tuple[str, ...], done: set[str]) -> str:
+        """WAIT, CLOSE or SHORT for a secure phase: every present expected device reported
+        (and the quorum), or the phase's deadline."""
+        present = self._present() & set(expected)
+        return rounds.close_decision(
+            accepted=len(done),
+            min_devices=max(self._quorum(current), MIN_ROSTER),
+            present=present,
+            reporters=done,
+            elapsed=time.monotonic() - current.phase_started,
+            deadline=current.phase.deadline,
+        )
+
+    def _secure_short(self, current: _Round, what: str, have: int) -> _Round:
+        needed = max(self._quorum(current), MIN_ROSTER)
+        return self._short(
+            current,
+            f"round {current.number}: secure aggregation: {have} device(s) {what} within "
+            f"{current.phase.deadline:g}s, {needed} needed",
+        )
+
+    def _phase_keys(self, current: _Round) -> _Round:
+        secure = current.secure
+        decision = self._secure_close(current, secure.selected, set(secure.advertised))
+        if decision == rounds.WAIT:
+            return current
+        if decision == rounds.SHORT:
+            return self._secure_short(current, "advertised keys", len(secure.advertised))
+        self.client.publish(self.topics.round, secure.roster_message(), qos=1, retain=True)
+        log.info(
+            "round %d: secure aggregation roster of %d devices (threshold %d)",
+            current.number,
+            len(secure.roster),
+            secure.threshold,
+        )
+        self._next_phase(current)
+        return current
+
+    def _phase_shares(self, current: _Round) -> _Round:
+        secure = current.secure
+        decision = self._secure_close(current, secure.roster, set(secure.sealed))
+        if decision == rounds.WAIT:
+            return current
+        if decision == rounds.SHORT:
+            return self._secure_short(current, "shared their keys", len(secure.sealed))
+        for device, payload in secure.deliveries().items():
+            self.client.publish(self.topics.inbox(device), payload, qos=1)
+        self._next_phase(current)
+        return current
+
+    def _phase_masked(self, current: _Round) -> _Round:
+        secure = current.secure
+        decision = self._secure_close(current, secure.sharers, set(secure.metrics))
+        if decision == rounds.WAIT:
+            return current
+        if decision == rounds.SHORT:
+            return self._secure_short(current, "sent masked inputs", len(secure.metrics))
+        self.client.publish(self.topics.round, secure.unmask_message(), qos=1, retain=True)
+        log.info(
+            "round %d: %d masked inputs summed, %d devices dropped; unmasking",
+            current.number,
+            len(secure.survivors),
+            len(secure.dropped),
+        )
+        self._next_phase(current)
+        return current
+
+    def _phase_unmask(self, current: _Round) -> _Round | None:
+        secure = current.secure
+        if secure.missing():
+            waited = time.monotonic() - current.phase_started
+            if waited < current.phase.deadline:
+                return current
+            return self._short(current, f"round {current.number}: {secure.failure()}")
+        try:
+            return self._complete(current)
+        except SecureFailure as exc:  # a bad share no spare could step around
+            self.phase = current.phase.state
+            return self._short(current, f"round {current.number}: {exc}")
+
+    def _present(self) -> set[str]:
+        return rounds.present_devices(
+            self.status,
+            self._offline_at,
+            link_lost_at=self._link_lost_at,
+            relinked_at=self._relinked_at,
+            now=time.monotonic(),
+            grace=RECONNECT_GRACE,
+        )
+
     def _quorum(self, current: _Round) -> int:
         """Accepted updates a round needs: the run's quorum (no more than were selected),
         and at least what the strategy needs (Krum 2f+3, Bulyan 4f+3)."""
@@ -759,6 +956,7 @@ class Aggregator:
         current.opened = time.monotonic()
         if current.phases[0].name == "select" and current.phase_index > 0:
             current.phase_index, current.plan, current.model_payload = 0, None, None
+            current.secure = None
             (current.journal.directory / "plan.json").unlink(missing_ok=True)
             self._enter_phase(current)
         else:
@@ -768,8 +966,11 @@ class Aggregator:
 
     def _complete(self, current: _Round) -> _Round | None:
         self.phase = "aggregating"
-        updates = JournalUpdates(current.journal, self.weights, self._base_of, current.number)
-        result = aggregate_round(self.strategy, self.weights, updates)
+        if current.secure is not None:
+            result = aggregate_secure(self.strategy, self.weights, current.secure)
+        else:
+            updates = JournalUpdates(current.journal, self.weights, self._base_of, current.number)
+            result = aggregate_round(self.strategy, self.weights, updates)
         self.weights = result.weights
         counts = current.journal.counts()
         totals = self.state.totals
@@ -786,7 +987,11 @@ class Aggregator:
             "contributors": result.devices,
             "samples": result.samples,
             "seconds": round(time.monotonic() - current.opened, 3),
-            "update_bytes": current.journal.accepted_bytes(),
+            "update_bytes": (
+                current.journal.accepted_bytes()
+                if current.secure is None
+                else current.secure.masked_bytes
+            ),
             "model_bytes": len(current.model_payload or b""),
             "rejected": dict(counts["rejected"]),
             "metrics": result.metrics,
@@ -794,6 +999,12 @@ class Aggregator:
         }
         if current.selected is not None:
             row["selected"] = list(current.selected)
+        if current.secure is not None:
+            row["secure_aggregation"] = {
+                "roster": len(current.secure.roster),
+                "dropped": list(current.secure.dropped),
+                "threshold": current.secure.threshold,
+            }
         privacy = getattr(self.strategy, "privacy_report", None)  # (epsilon, delta) so far
         if privacy is not None:
             row["privacy"] = privacy(current.number)

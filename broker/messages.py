@@ -44,6 +44,7 @@ import torch
 
 from broker.codec import Payload, Schema, content_digest, decode, encode
 from broker.errors import CodecError
+from broker.secagg.plan import SecurePlan, parse_secure_plan
 from broker.task import TaskSpec
 
 FORMAT = "fedmq/1"
@@ -82,6 +83,7 @@ class ModelMessage:
     run_id: str = ""
     selected: tuple[str, ...] | None = None  # None: every device trains this round
     train_settings: dict[str, float] = field(default_factory=dict)
+    secure: SecurePlan | None = None  # the round's secure aggregation, if it has one
 
     def selects(self, device_id: str) -> bool:
         return self.selected is None or device_id in self.selected
@@ -140,7 +142,7 @@ def decode_model(payload: bytes, **limits) -> ModelMessage:
     federation, run_id = meta.get("federation", ""), meta.get("run_id", "")
     if model_hash(p.tensors, round_, task_json, federation=federation, run_id=run_id) != digest:
         raise CodecError("model_hash does not match the model's content", reason="bad_metadata")
-    selected, train_settings = parse_plan(meta.get("plan", ""))
+    selected, train_settings, secure = parse_plan(meta.get("plan", ""))
     return ModelMessage(
         round=round_,
         task=task,
@@ -153,13 +155,17 @@ def decode_model(payload: bytes, **limits) -> ModelMessage:
         run_id=run_id,
         selected=selected,
         train_settings=train_settings,
+        secure=secure,
     )
 
 
-def parse_plan(text: str) -> tuple[tuple[str, ...] | None, dict[str, float]]:
-    """A model's ``plan`` metadata -> (selected device ids or None, training settings)."""
+def parse_plan(
+    text: str,
+) -> tuple[tuple[str, ...] | None, dict[str, float], SecurePlan | None]:
+    """A model's ``plan`` metadata -> (selected device ids or None, training settings,
+    secure aggregation or None)."""
     if not text:
-        return None, {}
+        return None, {}, None
 
     def bad(why: str) -> CodecError:
         return CodecError(f"metadata 'plan' {why}", reason="bad_metadata")
@@ -170,8 +176,8 @@ def parse_plan(text: str) -> tuple[tuple[str, ...] | None, dict[str, float]]:
         plan = json.loads(text)
     except (ValueError, RecursionError):
         raise bad("is not JSON") from None
-    if not isinstance(plan, dict) or set(plan) - {"selected", "train"}:
-        raise bad("must be an object with only 'selected' and 'train'")
+    if not isinstance(plan, dict) or set(plan) - {"selected", "train", "secure"}:
+        raise bad("must be an object with only 'selected', 'train' and 'secure'")
     selected = plan.get("selected")
     if selected is not None:
         if not isinstance(selected, list) or not all(
@@ -193,7 +199,10 @@ def parse_plan(text: str) -> tuple[tuple[str, ...] | None, dict[str, float]]:
         )
     ):
         raise bad(f"'train' must map at most {MAX_TRAIN_SETTINGS} names to finite numbers")
-    return selected, {k: float(v) for k, v in train.items()}
+    secure = None if "secure" not in plan else parse_secure_plan(plan["secure"])
+    if secure is not None and selected is None:
+        raise bad("a secure round must name its selected devices")
+    return selected, {k: float(v) for k, v in train.items()}, secure
 
 
 def encode_update(tensors: Mapping[str, torch.Tensor], **fields) -> bytes:

@@ -176,6 +176,8 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
         tables[name] = raw.get(name, {})
         if not isinstance(tables[name], dict):
             raise TaskError(f"[{name}] must be a table")
+    if "secure_aggregation" in raw and not tables["secure_aggregation"]:
+        tables["secure_aggregation"] = {"enabled": True}  # the bare table turns it on
     for name, table in tables.items():
         try:
             json.dumps(table, allow_nan=False)

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -25,10 +25,12 @@ import torch
 from broker import codec, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import BrokerError, CodecError, ConfigError, DataError, TaskError
+from broker.secagg import wire as secagg_wire
 from broker.topics import Topics
 from device_agent import resources
 from device_agent.data import DataFile, open_data, shape_for
 from device_agent.hooks import TrainingHooks
+from device_agent.secure_client import Identity, Refused, SecureClient
 from device_agent.trainer import evaluate, train_local, training_seed
 
 log = logging.getLogger("fedmq.agent")
@@ -59,6 +61,9 @@ class AgentConfig:
     limits: resources.Limits | None = None
     recheck_seconds: float = 30.0
     readings_root: Path = Path("/")  # where /proc and /sys are (tests: a fake tree)
+    # secure aggregation: this device's registry-certified key and the registry's public
+    # key, to check its peers' advertisements (None: it cannot take part, unless insecure)
+    identity: Identity | None = None
 
 
 class Agent:
@@ -77,6 +82,7 @@ class Agent:
         # a selected round the limits hold back: (model, hooks, the reason said in status)
         self._deferred: tuple[messages.ModelMessage, TrainingHooks, str] | None = None
         self._recheck_at = 0.0
+        self._secure: _SecureSession | None = None  # the secure round in progress
         self.client = make_client(
             config.connection,
             client_id=f"fedmq-device-{config.federation}-{config.device_id}",
@@ -104,8 +110,12 @@ class Agent:
             [
                 (self.topics.model, mqtt.SubscribeOptions(qos=1)),
                 (self.topics.state, mqtt.SubscribeOptions(qos=1)),
+                (self.topics.round, mqtt.SubscribeOptions(qos=1)),
+                (self.topics.inbox(self.config.device_id), mqtt.SubscribeOptions(qos=1)),
             ]
         )
+        if self._secure is not None and self._secure.client.neighbours:
+            self._watch_receipts(self._secure.client.neighbours)
         self._publish_status("online")
         if self._connected_at is None:
             self._connected_at = time.monotonic()
@@ -147,6 +157,8 @@ class Agent:
                     payload = self._latest_model(payload)
                     if self._handle_model(payload):
                         return 0
+                elif self._secure is not None and self._handle_secure(topic, payload):
+                    return 0
         finally:
             self.close()
         return 0
@@ -237,6 +249,8 @@ class Agent:
             )
             self.on_event("model_refused", {"reason": exc.reason, "arch": arch})
             return False
+        if model_msg.secure is not None and model_msg.selects(self.config.device_id):
+            return self._start_secure(model_msg, hooks)
         if not model_msg.selects(self.config.device_id):
             log.info("round %d: not selected this round; waiting for the next", model_msg.round)
             self._publish_status("skipped", round_=model_msg.round, reason="not selected")
@@ -304,7 +318,8 @@ class Agent:
         model.load_state_dict(msg.tensors, strict=True)
         return model
 
-    def _train_and_publish(self, msg: messages.ModelMessage, hooks: TrainingHooks) -> None:
+    def _train(self, msg: messages.ModelMessage, hooks: TrainingHooks):
+        """Train on the round's model: (weights to send, samples, metrics)."""
         cfg = self.config
         self._publish_status("training", round_=msg.round)
         started = time.monotonic()
@@ -327,10 +342,15 @@ class Agent:
         tensors = hooks.finish(msg.tensors, tensors)  # e.g. clipped for differential privacy
         if cfg.poison is not None:
             tensors = self._poisoned(msg, tensors)
+        return tensors, result.num_samples, metrics
+
+    def _train_and_publish(self, msg: messages.ModelMessage, hooks: TrainingHooks) -> None:
+        cfg = self.config
+        tensors, num_samples, metrics = self._train(msg, hooks)
         meta = messages.update_metadata(
             round_=msg.round,
             device_id=cfg.device_id,
-            num_samples=result.num_samples,
+            num_samples=num_samples,
             base_hash=msg.model_hash,
             metrics=metrics,
             federation=msg.federation,
@@ -346,11 +366,124 @@ class Agent:
         log.info(
             "round %d: trained on %d samples, loss %.4f, published %d bytes",
             msg.round,
-            result.num_samples,
-            result.train_loss,
+            num_samples,
+            metrics.get("train_loss", float("nan")),
             len(payload),
         )
         self.on_event("trained", {"round": msg.round, "metrics": metrics, "mid": info.mid})
+
+    # -- secure aggregation (device_agent/secure_client.py) ------------------------------
+    def _start_secure(self, msg: messages.ModelMessage, hooks: TrainingHooks) -> bool:
+        """A secure round selects this device: advertise keys (or re-send what was sent)."""
+        session = self._secure
+        if session is not None and session.client.session == msg.secure.session:
+            for topic, payload, retain in session.sent:  # the same round seen again
+                self.client.publish(topic, payload, qos=1, retain=retain)
+            return False
+        self._secure = None
+        reason = self._why_not()
+        if reason is None and self.config.identity is None and not self.config.insecure:
+            reason = (
+                "secure aggregation needs this device's identity certificate and the "
+                "federation's registry key (registry_key, identity_cert in its credentials: "
+                "re-issue them with `fedmq broker add-device`)"
+            )
+        if reason is not None:
+            log.warning("round %d: not taking part in secure aggregation: %s", msg.round, reason)
+            self._publish_status("skipped", round_=msg.round, reason=reason)
+            return False
+        identity = self.config.identity or Identity(bytes(32), b"", None)
+        client = SecureClient(
+            device_id=self.config.device_id,
+            plan=msg.secure,
+            round=msg.round,
+            model_hash=msg.model_hash,
+            federation=msg.federation,
+            run_id=msg.run_id,
+            identity=identity,
+            sign=self.config.sign,
+        )
+        self._secure = _SecureSession(client, msg, hooks)
+        self._secure_send(self.topics.secagg(self.config.device_id), client.keys_message())
+        log.info("round %d: secure aggregation: advertised keys", msg.round)
+        return False
+
+    def _secure_send(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self._secure.sent.append((topic, payload, retain))
+        self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def _watch_receipts(self, neighbours) -> None:
+        self.client.subscribe(
+            [(self.topics.receipt(v), mqtt.SubscribeOptions(qos=1)) for v in neighbours]
+        )
+
+    def _handle_secure(self, topic: str, payload: bytes) -> bool:
+        """A message of the secure round in progress. True when the agent should leave."""
+        session = self._secure
+        me = self.config.device_id
+        if self.topics.kind_of(topic) == "receipts":  # a neighbour's word, not the aggregator's
+            try:
+                msg = secagg_wire.decode(payload, max_payload=secagg_wire.MAX_SMALL)
+                if topic == self.topics.receipt(msg.device_id):
+                    session.client.on_receipt(msg)
+            except CodecError as exc:
+                log.warning("ignored a malformed receipt on %s: %s", topic, exc)
+            return False
+        if topic not in (self.topics.round, self.topics.inbox(me)):
+            return False
+        try:
+            msg = secagg_wire.decode(payload, max_payload=self.config.max_payload)
+            if msg.session != session.client.session:
+                return False  # another round's, or an earlier attempt's
+            if self.config.verify_model is not None:  # the aggregator's own messages
+                self.config.verify_model(msg.tensors, msg.metadata)
+            if topic == self.topics.round and msg.kind == "roster":
+                shares = session.client.on_roster(msg)
+                self._watch_receipts(session.client.neighbours)
+                self._secure_send(self.topics.secagg(me), shares)
+                log.info(
+                    "round %d: secure aggregation: shared keys with %d neighbours",
+                    msg.round,
+                    len(session.client.neighbours),
+                )
+                session.trained = self._train(session.model, session.hooks)
+            elif topic == self.topics.inbox(me) and msg.kind == "deliver":
+                session.client.on_deliver(msg)
+            elif topic == self.topics.round and msg.kind == "unmask":
+                self._secure_send(self.topics.secagg(me), session.client.on_unmask(msg))
+                log.info("round %d: secure aggregation: revealed shares", msg.round)
+                self.rounds_trained += 1
+                limit = self.config.max_rounds
+                return limit is not None and self.rounds_trained >= limit
+            else:
+                return False
+        except (CodecError, Refused) as exc:
+            log.error("round %d: secure aggregation: %s", session.model.round, exc)
+            self._publish_status("skipped", round_=session.model.round, reason=str(exc))
+            self._secure = None
+            return False
+        if session.trained is not None and session.client.sharers and not session.client.sent_input:
+            self._send_masked(session)
+        return False
+
+    def _send_masked(self, session: _SecureSession) -> None:
+        tensors, num_samples, metrics = session.trained
+        client = session.client
+        vector = client.masked_vector(session.model.tensors, tensors, num_samples)
+        me = self.config.device_id
+        # the receipt first: a neighbour asked for this device's key must already know
+        self._secure_send(self.topics.receipt(me), client.receipt_message(), retain=True)
+        payload = client.masked_message(vector, metrics)
+        self._secure_send(self.topics.secagg(me), payload)
+        self._publish_status("online", round_=session.model.round)
+        log.info(
+            "round %d: trained on %d samples, loss %.4f, sent a masked input of %d bytes",
+            session.model.round,
+            num_samples,
+            metrics.get("train_loss", float("nan")),
+            len(payload),
+        )
+        self.on_event("trained", {"round": session.model.round, "metrics": metrics})
 
     def _poisoned(self, msg: messages.ModelMessage, tensors: dict) -> dict:
         """The attacker's update in place of the honest one, trained first like any other."""
@@ -382,6 +515,15 @@ class Agent:
             qos=1,
             retain=True,
         )
+
+
+@dataclass
+class _SecureSession:
+    client: SecureClient
+    model: messages.ModelMessage
+    hooks: TrainingHooks
+    trained: tuple | None = None  # (weights, samples, metrics) once trained
+    sent: list = field(default_factory=list)  # (topic, payload, retain): re-sent if asked
 
 
 def _finite(metrics: dict[str, float], round_: int) -> dict[str, float]:

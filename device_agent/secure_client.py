@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from broker import identity, signing
 from broker.errors import CodecError
 from broker.secagg import keys, prg, quantize, shamir, wire
+from broker.secagg.plan import MIN_ROSTER
 from broker.secagg.protocol import (
     SHARE_INFO,
     flatten_update,
@@ -39,8 +40,6 @@ from broker.secagg.protocol import (
     x_of,
 )
 from broker.secagg.wire import SecureMessage, SecurePlan
-
-MIN_ROSTER = 3  # with two devices, each could subtract its own input from the sum
 
 
 class Refused(Exception):

@@ -193,7 +193,7 @@ def agent_run(
     from broker.errors import ConfigError
     from broker.topics import check_name
     from device_agent.agent import Agent, AgentConfig
-    from fedmq.signing_hooks import agent_hooks
+    from fedmq.signing_hooks import agent_hooks, agent_identity
 
     settings, federation, config = connection.resolve()
     device_id = device_id or config.get("device_id") or settings.username
@@ -212,6 +212,11 @@ def agent_run(
         )
     sign, verify = agent_hooks(
         signing_key or config.get("signing_key"), model_key or config.get("model_key")
+    )
+    identity = agent_identity(
+        signing_key or config.get("signing_key"),
+        config.get("registry_key"),
+        config.get("identity_cert"),
     )
     limits = _limits(
         config,
@@ -248,6 +253,7 @@ def agent_run(
             poison=poison,
             limits=limits,
             recheck_seconds=recheck,
+            identity=identity,
         )
     )
     log.info(

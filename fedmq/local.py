@@ -18,7 +18,7 @@ from broker.home import BrokerHome, load_credentials, settings_from_credentials
 from broker.launcher import RunningBroker, free_port
 from broker.task import TaskSpec
 from device_agent.agent import AgentConfig
-from fedmq.signing_hooks import agent_hooks, aggregator_hooks
+from fedmq.signing_hooks import agent_hooks, agent_identity, aggregator_hooks
 
 AGGREGATOR = "fedmq-aggregator"
 OPERATOR = "fedmq-operator"
@@ -78,6 +78,10 @@ class LocalFederation:
     def agent_config(self, device: str, data: Path, **options) -> AgentConfig:
         creds = load_credentials(self.credentials(device))
         sign, verify = agent_hooks(creds["signing_key"], creds["model_key"])
+        options.setdefault(
+            "identity",
+            agent_identity(creds["signing_key"], creds["registry_key"], creds["identity_cert"]),
+        )
         return AgentConfig(
             connection=settings_from_credentials(creds),
             federation=self.name,

@@ -45,3 +45,25 @@ def aggregator_hooks(
             signing.verify(signing.load_public(key_path), tensors, meta)
 
     return sign_model, verify_update
+
+
+def agent_identity(
+    signing_key: Path | None, registry_key: Path | None, identity_cert: str | None
+):  # -> device_agent.secure_client.Identity | None
+    """What a device shows and checks in secure aggregation: its key, the registry's
+    certificate of it and the registry's key; None when the credentials lack them."""
+    if not (signing_key and registry_key and identity_cert):
+        return None
+    import base64
+    import binascii
+
+    from broker import identity
+    from broker.errors import ConfigError
+    from device_agent.secure_client import Identity
+
+    try:
+        cert = base64.b64decode(identity_cert, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("identity_cert is not base64") from None
+    public = signing.load_private(signing_key).public_key()
+    return Identity(identity.raw_public(public), cert, signing.load_public(registry_key))

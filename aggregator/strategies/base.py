@@ -160,6 +160,9 @@ class Strategy:
     buffer_size: int | None = None  # close after this many accepted updates (fedbuff)
     min_updates = 1  # a round waits for at least this many updates (Krum: 2f+3)
     needs_secret = False  # True: give it the run's secret (use_secret) for its noise
+    # its result depends on the updates only through their weighted sum, so secure
+    # aggregation (which shows the aggregator nothing else) can feed it
+    secure_sum = False
 
     def __init__(self, params: Params) -> None:
         # usable with any strategy: client sampling and update-norm clipping

@@ -54,6 +54,7 @@ class Private(Strategy):
             )
         self.inner = inner
         self.name = inner.name
+        self.secure_sum = inner.secure_sum
         self.fraction, self.min_selected = inner.fraction, inner.min_selected
         self.clip_norm = None  # the privacy clip below governs
         self.noise_multiplier = params.number("noise_multiplier", None, low=0.0)

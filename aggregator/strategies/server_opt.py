@@ -156,6 +156,7 @@ class ServerOptimizer(Strategy):
     Subclasses name their moments (``slots``, the state's key prefixes) and the step."""
 
     slots: tuple[str, ...] = ()
+    secure_sum = True  # a step along FedAvg's mean
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)

@@ -74,6 +74,7 @@ class FedAvg(Strategy):
     """McMahan et al. 2017: the sample-weighted mean of the devices' models."""
 
     name = "fedavg"
+    secure_sum = True
 
     def aggregate(self, global_weights: Tensors, updates: Updates) -> Tensors:
         return weighted_mean(global_weights, updates, self.clip_norm)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,13 +39,12 @@ from dataclasses import dataclass, field
 import torch
 
 from broker import codec
-from broker.errors import CodecError
 from broker.messages import parse_metrics
+from broker.secagg.plan import MAX_DEVICES, SecurePlan, bad, parse_secure_plan
 
 FORMAT = "fedmq-secagg/1"
 KINDS = ("keys", "roster", "shares", "deliver", "masked", "sent", "unmask", "reveal")
 DEVICE_KINDS = ("keys", "shares", "masked", "sent", "reveal")
-MAX_DEVICES = 20_000  # a roster's devices (the model plan's bound on selected ids)
 MAX_NEIGHBOURS = 256  # a device's neighbours: 2*ceil(log2(n)) is 30 at 20,000 devices
 MAX_SEALED = 512  # bytes of one sealed share pair (base64-decoded)
 MAX_SMALL = 256 * 1024  # payload bytes of any message but roster and masked
@@ -56,71 +54,6 @@ _SESSION = re.compile(r"^[0-9a-f]{32}$")
 _DEVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 Sign = Callable[[dict, dict], str]
-
-
-def bad(why: str, reason: str = "bad_metadata") -> CodecError:
-    return CodecError(f"secure aggregation message: {why}", reason=reason)
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class SecurePlan:
-    """What the model's plan says about the round's secure aggregation (``plan.secure``)."""
-
-    session: str  # 32 hex digits, fresh for every attempt at a round
-    clip: float  # each coordinate of a device's weighted update is clipped to [-clip, clip]
-    max_weight: int  # sample count at which a device's weight saturates at 1
-    selected: int  # devices the round is sized for: the fixed-point levels fit their sum
-    noise: float = 0.0  # std of the Gaussian noise each device adds (DP in shares)
-    deadline: float = 60.0  # seconds of each key/share/unmask phase
-
-    def to_json(self) -> dict:
-        return {
-            "session": self.session,
-            "clip": self.clip,
-            "max_weight": self.max_weight,
-            "selected": self.selected,
-            "noise": self.noise,
-            "deadline": self.deadline,
-        }
-
-
-def parse_secure_plan(raw: object) -> SecurePlan:
-    if not isinstance(raw, dict) or set(raw) - {
-        "session",
-        "clip",
-        "max_weight",
-        "selected",
-        "noise",
-        "deadline",
-    }:
-        raise bad("plan 'secure' must be an object of session, clip, max_weight, selected")
-    session = raw.get("session")
-    if not isinstance(session, str) or not _SESSION.match(session):
-        raise bad("plan 'secure' session must be 32 hex digits")
-    numbers = {}
-    for key, low, high in (
-        ("clip", 1e-9, 1e9),
-        ("noise", 0.0, 1e9),
-        ("deadline", 0.1, 86400.0),
-    ):
-        value = raw.get(key, {"noise": 0.0, "deadline": 60.0}.get(key))
-        if not _number(value) or not low <= value <= high:
-            raise bad(f"plan 'secure' {key} must be a number in [{low:g}, {high:g}]")
-        numbers[key] = float(value)
-    ints = {}
-    for key, high in (("max_weight", 10**9), ("selected", MAX_DEVICES)):
-        value = raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
-            raise bad(f"plan 'secure' {key} must be an integer in [1, {high}]")
-        ints[key] = value
-    return SecurePlan(session=session, **numbers, **ints)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------- messages
@@ -351,3 +284,6 @@ def shares_field(msg: SecureMessage, key: str = "shares") -> dict[str, bytes]:
 
 def sorted_ids(ids: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(ids))
+
+
+__all__ = ["SecurePlan", "parse_secure_plan", "bad", "MAX_DEVICES"]
