@@ -17,6 +17,7 @@ refused (``late``).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ class SecureRound:
     b_shares: dict[str, dict[int, int]] = field(default_factory=dict)  # survivor -> {x: y}
     s_shares: dict[str, dict[int, int]] = field(default_factory=dict)  # dropped -> {x: y}
     revealed: set[str] = field(default_factory=set)
+    unmask_seconds: float = 0.0  # removing the masks: the aggregator's secure-only work
 
     @property
     def session(self) -> str:
@@ -283,7 +285,9 @@ class SecureRound:
 
     def result(self) -> tuple[dict[str, torch.Tensor], float]:
         """The next model's candidate: ``g + Σ a_i delta_i / Σ a_i``, and ``Σ a_i * W``."""
+        started = time.perf_counter()
         total = self.unmasked_sum()
+        self.unmask_seconds = time.perf_counter() - started
         levels = quantize.levels_for(self.plan.selected)
         summed = quantize.dequantize_sum(total, len(self.survivors), self.plan.clip, levels)
         weights, weight = unflatten_mean(self.template, summed)

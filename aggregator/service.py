@@ -104,6 +104,7 @@ class _Round:
     phase_started: float = field(default_factory=time.monotonic)
     flooding: set[str] = field(default_factory=set)  # devices over their journal bound
     secure: SecureRound | None = None  # the secure-aggregation session, in its phases
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # closed phases' durations
 
     @property
     def accepted(self) -> int:
@@ -492,6 +493,8 @@ class Aggregator:
             )
 
     def _next_phase(self, current: _Round) -> None:
+        elapsed = time.monotonic() - current.phase_started
+        current.phase_seconds[current.phase.name] = round(elapsed, 3)
         current.phase_index += 1
         self._enter_phase(current)
 
@@ -1000,10 +1003,13 @@ class Aggregator:
         if current.selected is not None:
             row["selected"] = list(current.selected)
         if current.secure is not None:
+            current.phase_seconds["unmask"] = round(time.monotonic() - current.phase_started, 3)
             row["secure_aggregation"] = {
                 "roster": len(current.secure.roster),
                 "dropped": list(current.secure.dropped),
                 "threshold": current.secure.threshold,
+                "phase_seconds": current.phase_seconds,
+                "unmask_compute_seconds": round(current.secure.unmask_seconds, 3),
             }
         privacy = getattr(self.strategy, "privacy_report", None)  # (epsilon, delta) so far
         if privacy is not None:

@@ -119,7 +119,7 @@ class SecureClient:
         entries = wire.roster_entries(msg)
         roster: dict[str, wire.Keys] = {}
         for entry in entries:
-            adv = self._check_advertisement(entry)
+            adv = self._parse_advertisement(entry)
             if adv.device_id in roster:
                 raise Refused(f"device {adv.device_id} twice in the roster")
             roster[adv.device_id] = adv
@@ -136,6 +136,8 @@ class SecureClient:
             raise Refused(f"the roster says threshold {said[0]}, the graph gives {threshold}")
         self.roster, self.threshold = roster, threshold
         self.neighbours = graph[self.device_id]
+        for v in self.neighbours:  # the keys this device will use: each its owner's own
+            self._check_identity(roster[v])
         xs = x_of(roster)
         points = [xs[v] for v in self.neighbours]
         b_shares = shamir.split(self.b, points, threshold)
@@ -150,28 +152,35 @@ class SecureClient:
     def _share_key(self, v: str) -> bytes:
         return keys.agree(self.c.private, self.roster[v].c_pk, SHARE_INFO + self.session.encode())
 
-    def _check_advertisement(self, entry: dict[str, str]) -> wire.Keys:
+    def _parse_advertisement(self, entry: dict[str, str]) -> wire.Keys:
+        meta = dict(entry)
+        if meta.get("kind") != "keys" or meta.get("session") != self.session:
+            raise Refused("a roster entry that is not this session's key advertisement")
+        if meta.get("round") != str(self.round) or meta.get("federation") != self.federation:
+            raise Refused("a roster entry for another round or federation")
+        if meta.get("run_id") != self.run_id:
+            raise Refused("a roster entry for another run")
+        device = meta.get("device_id", "")
         try:
-            meta = dict(entry)
-            kind = meta.get("kind")
-            if kind != "keys" or meta.get("session") != self.session:
-                raise Refused("a roster entry that is not this session's key advertisement")
-            if meta.get("round") != str(self.round) or meta.get("federation") != self.federation:
-                raise Refused("a roster entry for another round or federation")
-            if meta.get("run_id") != self.run_id:
-                raise Refused("a roster entry for another run")
-            device = meta.get("device_id", "")
-            msg = SecureMessage("keys", self.round, self.session, "", "", device, meta)
-            adv = wire.parse_keys(msg)
-            if self.identity.registry is not None:
-                public = identity.check(
-                    self.identity.registry, self.federation, device, adv.identity, adv.cert
-                )
-                signing.verify(public, {}, meta)  # the advertisement is the device's own
-                self.identities[device] = public
-            return adv
+            return wire.parse_keys(
+                SecureMessage("keys", self.round, self.session, "", "", device, meta)
+            )
         except CodecError as exc:
-            raise Refused(f"roster entry: {exc}") from None
+            raise Refused(f"roster entry of {device!r}: {exc}") from None
+
+    def _check_identity(self, adv: wire.Keys) -> None:
+        """``adv`` is signed by its device's key, which the registry certified. Checked for
+        the neighbours, whose keys this device uses; every key enters the graph's seed."""
+        if self.identity.registry is None:
+            return
+        try:
+            public = identity.check(
+                self.identity.registry, self.federation, adv.device_id, adv.identity, adv.cert
+            )
+            signing.verify(public, {}, adv.metadata)
+        except CodecError as exc:
+            raise Refused(f"the advertisement of {adv.device_id}: {exc}") from None
+        self.identities[adv.device_id] = public
 
     # -- 3: masked input -----------------------------------------------------------
     def on_deliver(self, msg: SecureMessage) -> None:
