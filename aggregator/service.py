@@ -1011,6 +1011,10 @@ class Aggregator:
                 "phase_seconds": current.phase_seconds,
                 "unmask_compute_seconds": round(current.secure.unmask_seconds, 3),
             }
+        if current.secure is not None and current.secure.plan.noise > 0:
+            row["secure_aggregation"]["noise_multiplier"] = self.strategy.note_secure_round(
+                current.number, len(current.secure.survivors), len(current.secure.selected)
+            )
         privacy = getattr(self.strategy, "privacy_report", None)  # (epsilon, delta) so far
         if privacy is not None:
             row["privacy"] = privacy(current.number)

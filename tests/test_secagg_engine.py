@@ -173,3 +173,26 @@ def test_a_wiretap_on_every_topic_sees_no_device_update(federation, tmp_path, fi
     assert (
         kinds.get("model") and kinds.get("round") and kinds.get("inbox") and kinds.get("receipts")
     )
+
+
+def test_dp_in_shares_reports_epsilon_and_the_noise_the_survivors_made(federation, tmp_path, files):
+    devices = DEVICES[:5]
+    fed = federation(devices=devices, name="private")
+    path = tmp_path / "private.toml"
+    path.write_text(
+        BLOBS_TASK + "\n[privacy]\nnoise_multiplier = 0.5\nclip_norm = 1.0\n"
+        "\n[secure_aggregation]\nphase_deadline = 20\n"
+    )
+    agg = fed.aggregator(
+        tmp_path / "private", TaskSpec.load(path), rounds=2, min_devices=5, deadline=30
+    )
+    thread = fed.in_thread(agg.run, timeout=150)
+    for d in devices:
+        fed.in_thread(fed.agent(d, files[d], exit_when_done=True).run, timeout=150)
+    assert join(thread, 170) == 0
+    rows = RunDir(tmp_path / "private").metrics()
+    from aggregator.privacy import accountant
+
+    for r, row in enumerate(rows, start=1):
+        assert row["secure_aggregation"]["noise_multiplier"] == pytest.approx(0.5)
+        assert row["privacy"]["epsilon"] == pytest.approx(accountant.epsilon(0.5, 1.0, r, 1e-5))

@@ -158,3 +158,40 @@ def test_upload_overhead_is_small() -> None:
     plain = 4 * sum(v.numel() for v in base.values())
     worst = max(out.upload_bytes.values())
     assert worst / plain < 1.3, worst / plain
+
+
+def test_dp_noise_added_in_shares_sums_to_sigma_times_clip():
+    """Each of n' devices adds N(0, (sigma C / sqrt(n'))^2): the sum carries sigma C, and
+    nobody but the sum ever held noise enough to hide it (each share is 1/sqrt(n'))."""
+    n, sigma, clip = 10, 1.5, 0.2
+    ids, base, _, _ = _updates(n, size=20_000, seed=9)
+    same = {d: {k: v.clone() for k, v in base.items()} for d in ids}  # zero deltas
+    plan = plan_for(n, clip=4.0, max_weight=1, noise=sigma * clip / n**0.5)
+    out = run_round(Fleet(ids), base, same, dict.fromkeys(ids, 5), plan=plan)
+    weights, samples = out.server.result()
+    assert abs(samples - n) < 1e-6  # max_weight 1: every device counts the same
+    noise_sum = (weights["w"].double() - base["w"].double()) * n  # mean * n = the sum
+    std = float(noise_sum.std())
+    print(f"noise std of the sum {std:.4f}, expected sigma*C = {sigma * clip:.4f}")
+    assert abs(std - sigma * clip) < 0.03 * sigma * clip
+
+
+def test_epsilon_with_dropouts_counts_the_noise_the_survivors_made():
+    from aggregator import strategies
+    from aggregator.privacy import accountant
+
+    s = strategies.build({}, {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5})
+    nominal = s.privacy_report(3)["epsilon"]
+    assert nominal == accountant.epsilon(1.0, 1.0, 3, 1e-5)  # the library's own figure
+    # composing three equal rounds one by one is the library's self-composition
+    assert abs(accountant.epsilon_of_rounds([1.0] * 3, 1.0, 1e-5) - nominal) < 1e-9
+    for r in (1, 2, 3):
+        s.note_secure_round(r, survivors=10, selected=10)
+    assert abs(s.privacy_report(3)["epsilon"] - nominal) < 1e-9
+    s.note_secure_round(3, survivors=7, selected=10)  # 30% dropped in round 3
+    worse = s.privacy_report(3)["epsilon"]
+    expected = accountant.epsilon_of_rounds([1.0, 1.0, 0.7**0.5], 1.0, 1e-5)
+    assert worse == expected and worse > nominal
+    restored = strategies.build({}, {"noise_multiplier": 1.0, "clip_norm": 1.0})
+    restored.load_state(s.state())  # the effective noise survives a resume
+    assert restored.privacy_report(3)["epsilon"] == worse

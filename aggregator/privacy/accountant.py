@@ -75,6 +75,27 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
         return float(accountant.get_epsilon(delta))
 
 
+def epsilon_of_rounds(
+    noise_multipliers: list[float], sampling_rate: float, delta: float
+) -> float:
+    """Epsilon at ``delta`` after rounds of differing noise multipliers, composed: secure
+    aggregation's rounds are as noisy as the devices that stayed made them."""
+    for sigma in noise_multipliers:
+        _check(sigma, sampling_rate, 0, delta)
+    if not noise_multipliers:
+        return 0.0
+    if min(noise_multipliers) == 0:
+        return math.inf
+    accountant = RdpAccountant()
+    with _quiet_dp_accounting():
+        for sigma in noise_multipliers:
+            event = dp_accounting.GaussianDpEvent(sigma)
+            if sampling_rate < 1:
+                event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
+            accountant.compose(event)
+        return float(accountant.get_epsilon(delta))
+
+
 def noise_for_epsilon(
     target_epsilon: float, sampling_rate: float, rounds: int, delta: float, rel_tol: float = 1e-4
 ) -> float:

@@ -31,6 +31,8 @@ them).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from aggregator.fedavg import FoldedSum
@@ -39,6 +41,7 @@ from aggregator.strategies.base import Params, Strategy, StrategyError, Tensors,
 from aggregator.strategies.sums import clip_factor, delta_norm
 
 COMPOSES_WITH = ("fedavg", "fedprox")
+EFFECTIVE_KEY = "privacy.effective_noise"  # in the strategy's checkpoint state
 
 
 class Private(Strategy):
@@ -67,6 +70,33 @@ class Private(Strategy):
             if value is None:
                 raise StrategyError(f"[privacy] needs {key}")
         self._key: bytes | None = None
+        # secure aggregation: round -> the noise multiplier its surviving devices made
+        # (sigma * sqrt(survivors / selected)); rounds not here had the nominal sigma
+        self.effective: dict[int, float] = {}
+
+    def note_secure_round(self, round_: int, survivors: int, selected: int) -> float:
+        """With the noise added by the devices in shares, a round with dropouts is less
+        noisy than planned: record by how much (the accountant counts it)."""
+        sigma = self.noise_multiplier * math.sqrt(survivors / selected)
+        self.effective[round_] = sigma
+        return sigma
+
+    def state(self) -> Tensors:
+        out = dict(self.inner.state())
+        if self.effective:
+            last = max(self.effective)
+            noise = [self.effective.get(r, math.nan) for r in range(1, last + 1)]
+            out[EFFECTIVE_KEY] = torch.tensor(noise, dtype=torch.float64)
+        return out
+
+    def load_state(self, tensors) -> None:
+        tensors = dict(tensors)
+        noise = tensors.pop(EFFECTIVE_KEY, None)
+        self.inner.load_state(tensors)
+        if noise is not None:
+            self.effective = {
+                r + 1: float(v) for r, v in enumerate(noise.tolist()) if not math.isnan(v)
+            }
 
     def use_secret(self, key: bytes) -> None:
         self._key = key
@@ -103,10 +133,15 @@ class Private(Strategy):
 
     def privacy_report(self, rounds: int) -> dict[str, float]:
         """(ε, δ) after ``rounds`` rounds, with what it was computed from."""
-        return {
-            "epsilon": accountant.epsilon(
+        if self.effective:
+            sigmas = [self.effective.get(r, self.noise_multiplier) for r in range(1, rounds + 1)]
+            spent = accountant.epsilon_of_rounds(sigmas, self.sampling_rate(), self.delta)
+        else:
+            spent = accountant.epsilon(
                 self.noise_multiplier, self.sampling_rate(), rounds, self.delta
-            ),
+            )
+        return {
+            "epsilon": spent,
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "clip_norm": self.dp_clip,
