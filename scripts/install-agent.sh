@@ -45,6 +45,7 @@ THREADS=""
 CPU_QUOTA="${FEDMQ_CPU_QUOTA:-200%}"
 MEMORY_MAX="${FEDMQ_MEMORY_MAX:-1G}"
 SYSTEMD=1
+KEEP_VENV=0
 DRY_RUN=0
 PURGE=0
 
@@ -70,6 +71,8 @@ install options:
   --user NAME          run the agent as NAME, created if missing (default $AGENT_USER)
   --from PATH          fedmq source tree or wheel (default: $SOURCE_TREE)
   --no-systemd         write the unit but neither enable nor start it
+  --keep-venv          keep an existing venv whose torch is \$TORCH_VERSION (an upgrade of
+                       fedmq without downloading torch again); fedmq is re-installed
   --dry-run            print what would be done, change nothing
   --site-packages-from VENV   (tests) reuse VENV's installed packages instead of
                        downloading torch; the agent's dependencies are not pip-installed
@@ -142,6 +145,7 @@ parse_options() {
             --from) FROM="${2:?--from needs a path}"; shift ;;
             --site-packages-from) SITE_PACKAGES_FROM="${2:?needs a venv}"; shift ;;
             --no-systemd) SYSTEMD=0 ;;
+            --keep-venv) KEEP_VENV=1 ;;
             --dry-run) DRY_RUN=1 ;;
             --purge) PURGE=1 ;;
             -h | --help) usage; exit 0 ;;
@@ -170,7 +174,18 @@ pip_quiet() {
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"
 }
 
+venv_has_torch() {
+    "$VENV/bin/python" -c "import sys, torch
+sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null
+}
+
 make_venv() {
+    if [ "$KEEP_VENV" = 1 ] && [ -z "$SITE_PACKAGES_FROM" ] && [ -x "$VENV/bin/python" ] \
+        && venv_has_torch; then
+        say "keeping the venv $VENV (torch $TORCH_VERSION is in it; --keep-venv)"
+        run pip_quiet "${AGENT_DEPS[@]}"
+        return
+    fi
     if [ "$DRY_RUN" = 0 ] && ! python3 -c "import venv, ensurepip" 2>/dev/null; then
         [ "$(id -u)" = 0 ] || die "python3-venv is missing: apt-get install python3-venv"
         say "installing python3-venv"
