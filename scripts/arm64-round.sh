@@ -161,12 +161,25 @@ make_root() {
 }
 
 bind() {  # bind SRC DEST [ro]
-    mkdir -p "$2"
+    if [ -d "$1" ]; then
+        mkdir -p "$2"
+    fi
     mount --bind "$1" "$2"
     MOUNTED+=("$2")
+    mount --make-private "$2"  # what is mounted on top of it stays out of the host's tree
     if [ "${3:-}" = ro ]; then
         mount -o remount,bind,ro "$2"
     fi
+}
+
+pi4_cpuinfo() {  # a Raspberry Pi 4's /proc/cpuinfo, one entry per host CPU
+    local cpu
+    for ((cpu = 0; cpu < $(nproc); cpu++)); do
+        printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n' "$cpu"
+        printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\n'
+        printf 'CPU part\t: 0xd08\nCPU revision\t: 3\n\n'
+    done
+    printf 'Hardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B (emulated by qemu)\n'
 }
 
 prepare_root() {
@@ -174,6 +187,14 @@ prepare_root() {
     bind /sys "$ROOT/sys"
     bind /dev "$ROOT/dev"
     bind "$REPO" "$ROOT$SRC_IN_ROOT" ro
+    if [ "$ARCH" = arm64 ]; then
+        # qemu-user shows the host's /proc/cpuinfo (x86), and torch's CPU detection then
+        # crashes at import (SIGSEGV loading torch._C): the root sees a Pi 4's instead,
+        # and qemu emulates its CPU, a Cortex-A72 (no SVE, as on the Pi)
+        pi4_cpuinfo >"$CACHE/cpuinfo"
+        bind "$CACHE/cpuinfo" "$ROOT/proc/cpuinfo" ro
+        export QEMU_CPU=cortex-a72
+    fi
     # pip in the root reaches the index as the host's does: same CA certificates, and the
     # host's pip find-links directory (PIP_FIND_LINKS, if any) read-only at the same path
     if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then

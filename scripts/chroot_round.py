@@ -34,9 +34,10 @@ FEDERATION = "chroot-round"
 BUNDLE_IN_ROOT = "/tmp/fedmq-in"  # the device's credentials bundle and data, copied in
 UNIT = "/etc/systemd/system/fedmq-agent.service"  # where install-agent.sh writes it
 PREFIX = "/opt/fedmq"
-# host variables that tell pip how to reach the index (the root gets the host's CAs)
+# host variables that tell pip how to reach the index (the root gets the host's CAs), and
+# qemu-user's (QEMU_CPU: the emulated CPU)
 PASSED_ENV = ("REQUESTS_CA_BUNDLE", "FEDMQ_TORCH_INDEX", "TORCH_VERSION")
-PASSED_PREFIXES = ("PIP_", "SSL_CERT_")
+PASSED_PREFIXES = ("PIP_", "SSL_CERT_", "QEMU_")
 SEEN = ("online", "training", "skipped")  # statuses that say the agent is connected
 
 
@@ -189,7 +190,8 @@ def import_seconds(root: Path) -> float:
 
 def start_guest(root: Path, unit: UnitCommand, log: Path) -> subprocess.Popen:
     uid, gid = user_ids(root, unit.user)
-    env = [f"{k}={v}" for k, v in {**unit.env, "PATH": "/usr/bin:/bin"}.items()]
+    qemu = {k: v for k, v in os.environ.items() if k.startswith("QEMU_")}
+    env = [f"{k}={v}" for k, v in {**unit.env, "PATH": "/usr/bin:/bin", **qemu}.items()]
     # chroot and env exec: the pid is the agent's (under qemu, the emulator's)
     cmd = ["chroot", f"--userspec={uid}:{gid}", str(root), "/usr/bin/env", "-i"]
     cmd += [f"--chdir={unit.workdir}", *env, *unit.argv, "--exit-when-done"]
