@@ -126,7 +126,7 @@ for 32-bit ARM (armv7/armhf), so the agent cannot be installed. Install the 64-b
             TORCH_INDEX="${FEDMQ_TORCH_INDEX-}"
             if [ -z "$TORCH_INDEX" ]; then
                 TORCH_NOTE="PyPI's aarch64 torch $TORCH_VERSION is a CUDA build: with its NVIDIA \
-libraries about 2.9 GB to download and 6 GB on disk (FEDMQ_TORCH_INDEX: see --help)"
+libraries about 2.9 GB to download and 4.7 GB on disk (FEDMQ_TORCH_INDEX: see --help)"
             fi ;;
         x86_64 | amd64)  # PyPI's x86_64 wheel pulls CUDA: the +cpu build of PyTorch's index
             TORCH_SPEC="torch==$TORCH_VERSION+cpu"
