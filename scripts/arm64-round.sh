@@ -21,8 +21,9 @@
 #      unmounts (trap), the root stays cached.
 #
 # --amd64-install-check does the same with an amd64 root (no emulation), no host agent and
-# one round: the install script, run in a clean Debian, up to a started agent that goes
-# online and trains. Neither runs in CI (minutes to tens of minutes).
+# one round, in a fresh copy of the cached root each time: the install script, run in a
+# clean Debian, up to a started agent that goes online and trains. Neither runs in CI
+# (minutes to tens of minutes).
 #
 # env: FEDMQ_PYTHON (the host's python with fedmq's dependencies; default .venv/bin/python
 # of this repository), FEDMQ_TORCH_INDEX (passed to install-agent.sh), FEDMQ_ROOT_CACHE.
@@ -160,6 +161,17 @@ make_root() {
     say "made $ROOT in $((SECONDS - started)) s"
 }
 
+clean_copy() {
+    # the install check starts from a clean Debian each time: a copy of the cached root,
+    # which itself stays as debootstrap made it
+    local copy="$CACHE/check-root"
+    refuse_if_mounted "$copy"
+    rm -rf --one-file-system "$copy"
+    cp -a "$ROOT" "$copy"
+    ROOT="$copy"
+    say "a clean copy of it: $ROOT"
+}
+
 bind() {  # bind SRC DEST [ro]
     if [ -d "$1" ]; then
         mkdir -p "$2"
@@ -254,6 +266,7 @@ main() {
     trap 'exit 130' INT
     trap 'exit 143' TERM
     make_root
+    if [ "$ARCH" = amd64 ]; then clean_copy; fi
     prepare_root
     RUN_DIR="${RUN_DIR:-$(mktemp -d "/tmp/fedmq-$ARCH-round.XXXXXX")}"
     local args=(--root "$ROOT" --arch "$ARCH" --src "$SRC_IN_ROOT" --rounds "$ROUNDS"

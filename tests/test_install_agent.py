@@ -4,8 +4,9 @@ credentials to a started agent that reports itself online to a real mosquitto.
 By default the install reuses this venv's packages (--site-packages-from); the "full" case
 (FEDMQ_FULL_INSTALL_TEST=1) pip-installs CPU torch and the agent's dependencies into a new venv.
 Not covered here: `useradd` of the `fedmq` user (the test runs the agent as the current
-user), systemctl enable/start (no systemd in the test machine), and a run in a clean Debian
-root or on a real arm64 Pi.
+user) and systemctl enable/start (no systemd in the test machine). A run in a clean Debian
+root and on emulated arm64 is scripts/arm64-round.sh, run by hand (minutes; README quotes
+it); a real Pi, not at all.
 """
 
 from __future__ import annotations
