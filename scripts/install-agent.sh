@@ -22,7 +22,7 @@
 # --dry-run prints what would be done and changes nothing.
 set -euo pipefail
 
-TORCH_VERSION="${TORCH_VERSION:-2.13.0}"   # CPU build; on aarch64 PyPI's wheel is CPU-only
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"   # x86_64: the +cpu build; aarch64: PyPI's (see below)
 # what the agent imports (pyproject's core dependencies); fedmq itself goes in with --no-deps
 AGENT_DEPS=("paho-mqtt>=2.1,<3" "safetensors>=0.4" "numpy>=1.24" "click>=8.1" "rich>=13"
     "cryptography>=42" "tomli>=2; python_version < '3.11'")
@@ -45,6 +45,7 @@ THREADS=""
 CPU_QUOTA="${FEDMQ_CPU_QUOTA:-200%}"
 MEMORY_MAX="${FEDMQ_MEMORY_MAX:-1G}"
 SYSTEMD=1
+KEEP_VENV=0
 DRY_RUN=0
 PURGE=0
 
@@ -70,13 +71,16 @@ install options:
   --user NAME          run the agent as NAME, created if missing (default $AGENT_USER)
   --from PATH          fedmq source tree or wheel (default: $SOURCE_TREE)
   --no-systemd         write the unit but neither enable nor start it
+  --keep-venv          keep an existing venv whose torch is \$TORCH_VERSION (an upgrade of
+                       fedmq without downloading torch again); fedmq is re-installed
   --dry-run            print what would be done, change nothing
   --site-packages-from VENV   (tests) reuse VENV's installed packages instead of
                        downloading torch; the agent's dependencies are not pip-installed
 uninstall: stops and removes the service and the program directory; --purge also
   removes the config, credentials, data and the user it created.
 environment: TORCH_VERSION (default 2.13.0), FEDMQ_CPU_QUOTA, FEDMQ_MEMORY_MAX,
-  FEDMQ_TORCH_INDEX (extra index for torch; x86_64 default PyTorch's CPU index, empty: none)
+  FEDMQ_TORCH_INDEX (extra index for torch; x86_64 default PyTorch's CPU index, empty: none;
+  aarch64 default none: PyPI's wheel, a CUDA build that brings 2.4 GB of NVIDIA wheels)
 EOF
 }
 
@@ -113,9 +117,17 @@ for 32-bit ARM (armv7/armhf), so the agent cannot be installed. Install the 64-b
 (arm64) Raspberry Pi OS or Debian (Pi 3, 4, 5, Zero 2 W and later) and run this again."
     fi
     case "$machine" in
-        aarch64 | arm64)  # PyPI's aarch64 wheel is the CPU build
+        aarch64 | arm64)
+            # PyPI's aarch64 torch 2.13.0 is a CUDA 13 build: pip also brings 2.4 GB of
+            # NVIDIA wheels and triton, which `import torch` loads even with no GPU (seen
+            # under qemu by scripts/arm64-round.sh). FEDMQ_TORCH_INDEX=<an index with
+            # aarch64 CPU wheels> avoids them, if one is reachable.
             TORCH_SPEC="torch==$TORCH_VERSION"
-            TORCH_INDEX="${FEDMQ_TORCH_INDEX-}" ;;
+            TORCH_INDEX="${FEDMQ_TORCH_INDEX-}"
+            if [ -z "$TORCH_INDEX" ]; then
+                TORCH_NOTE="PyPI's aarch64 torch $TORCH_VERSION is a CUDA build: with its NVIDIA \
+libraries about 2.9 GB to download and 4.7 GB on disk (FEDMQ_TORCH_INDEX: see --help)"
+            fi ;;
         x86_64 | amd64)  # PyPI's x86_64 wheel pulls CUDA: the +cpu build of PyTorch's index
             TORCH_SPEC="torch==$TORCH_VERSION+cpu"
             TORCH_INDEX="${FEDMQ_TORCH_INDEX-https://download.pytorch.org/whl/cpu}" ;;
@@ -142,6 +154,7 @@ parse_options() {
             --from) FROM="${2:?--from needs a path}"; shift ;;
             --site-packages-from) SITE_PACKAGES_FROM="${2:?needs a venv}"; shift ;;
             --no-systemd) SYSTEMD=0 ;;
+            --keep-venv) KEEP_VENV=1 ;;
             --dry-run) DRY_RUN=1 ;;
             --purge) PURGE=1 ;;
             -h | --help) usage; exit 0 ;;
@@ -170,7 +183,18 @@ pip_quiet() {
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"
 }
 
+venv_has_torch() {
+    "$VENV/bin/python" -c "import sys, torch
+sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null
+}
+
 make_venv() {
+    if [ "$KEEP_VENV" = 1 ] && [ -z "$SITE_PACKAGES_FROM" ] && [ -x "$VENV/bin/python" ] \
+        && venv_has_torch; then
+        say "keeping the venv $VENV (torch $TORCH_VERSION is in it; --keep-venv)"
+        run pip_quiet "${AGENT_DEPS[@]}"
+        return
+    fi
     if [ "$DRY_RUN" = 0 ] && ! python3 -c "import venv, ensurepip" 2>/dev/null; then
         [ "$(id -u)" = 0 ] || die "python3-venv is missing: apt-get install python3-venv"
         say "installing python3-venv"
@@ -189,7 +213,8 @@ make_venv() {
         fi
     else
         run python3 -m venv --clear "$VENV"
-        say "installing torch==$TORCH_VERSION (CPU) and the agent's dependencies"
+        say "installing torch==$TORCH_VERSION and the agent's dependencies"
+        [ -z "${TORCH_NOTE:-}" ] || say "note: $TORCH_NOTE"
         if [ -n "$TORCH_INDEX" ]; then
             run pip_quiet --extra-index-url "$TORCH_INDEX" "$TORCH_SPEC"
         else
