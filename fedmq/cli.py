@@ -698,6 +698,13 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_
     default=None,
     help="With --dp-noise: each device's update is clipped to L2 norm C. [default: 1.0]",
 )
+@click.option(
+    "--secure-aggregation",
+    "secure",
+    is_flag=True,
+    help="SecAgg+: the devices mask their updates so that the aggregator and the broker "
+    "see only their sum (the [secure_aggregation] table of the task).",
+)
 @fedmq_errors
 def demo(
     devices: int | None,
@@ -711,6 +718,7 @@ def demo(
     attack_scale: float | None,
     dp_noise: float | None,
     dp_clip: float | None,
+    secure: bool,
 ) -> None:
     """Federated learning on real smartwatch data, on this machine, end to end.
 
@@ -753,6 +761,7 @@ def demo(
         strategy=table or None,
         privacy=privacy,
         attack=plan,
+        secure={"enabled": True} if secure else None,
     )
 
 

@@ -75,9 +75,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
         return float(accountant.get_epsilon(delta))
 
 
-def epsilon_of_rounds(
-    noise_multipliers: list[float], sampling_rate: float, delta: float
-) -> float:
+def epsilon_of_rounds(noise_multipliers: list[float], sampling_rate: float, delta: float) -> float:
     """Epsilon at ``delta`` after rounds of differing noise multipliers, composed: secure
     aggregation's rounds are as noisy as the devices that stayed made them."""
     for sigma in noise_multipliers:

@@ -4,7 +4,8 @@ tensors become the one vector that is masked and summed.
 
 The vector a device contributes is ``[a * delta, a]``: its update ``w - g`` over every
 tensor (flattened in name order, as float64), times its weight ``a = min(n, W) / W``
-(n its sample count, W the plan's ``max_weight``), with ``a`` itself appended. The
+(n its sample count, W the plan's ``max_weight``), with ``a`` itself appended; integer
+buffers travel divided by ``INT_SCALE``. The
 sum over devices is then ``[Σ a_i delta_i, Σ a_i]``, and their ratio is exactly
 FedAvg's sample-weighted mean, though nobody saw any ``a_i`` or ``delta_i``.
 """
@@ -21,6 +22,7 @@ from broker.secagg import graph, keys, prg
 from broker.secagg.wire import Keys
 
 MASK_INFO = b"mask "
+INT_SCALE = 2**16
 SHARE_INFO = b"share "
 
 
@@ -69,15 +71,22 @@ def vector_length(template: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in template.values()) + 1
 
 
+def _scale(t: torch.Tensor) -> float:
+    """Integer buffers (BatchNorm's batch counters) change by whole numbers of batches, far
+    beyond a weight's range: they travel divided by INT_SCALE (rounding needs only ±0.5)."""
+    return 1.0 if t.dtype.is_floating_point else 1.0 / INT_SCALE
+
+
 def flatten_update(
     base: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], weight: float
 ) -> np.ndarray:
     """``[weight * (trained - base), weight]`` as one float64 vector, tensors in name order."""
     parts = [
         (trained[k].to(torch.float64) - base[k].to(torch.float64)).reshape(-1).numpy()
+        * (weight * _scale(base[k]))
         for k in sorted(base)
     ]
-    return np.concatenate([np.concatenate(parts) * weight if parts else np.zeros(0), [weight]])
+    return np.concatenate([*parts, [weight]])
 
 
 def unflatten_mean(
@@ -91,8 +100,9 @@ def unflatten_mean(
     for k in sorted(base):
         t = base[k]
         n = t.numel()
-        delta = torch.from_numpy(np.ascontiguousarray(total[at : at + n] / weight)).reshape(t.shape)
+        part = total[at : at + n] / (weight * _scale(t))
+        delta = torch.from_numpy(np.ascontiguousarray(part)).reshape(t.shape)
         value = t.to(torch.float64) + delta
-        out[k] = value.round().to(t.dtype) if not t.dtype.is_floating_point else value.to(t.dtype)
+        out[k] = value.to(t.dtype) if t.dtype.is_floating_point else value.round().to(t.dtype)
         at += n
     return out, weight

@@ -54,6 +54,8 @@ class DemoResult:
     attack: str = "clean"  # or the attack's description
     attackers: tuple[str, ...] = ()
     privacy: dict | None = None  # the last round's (epsilon, delta) report, with DP
+    secure: dict | None = None  # the last round's secure aggregation report
+    plain_accuracy: float | None = None  # plain FedAvg on the same data, beside DP/secure
 
     @property
     def gap_points(self) -> float:
@@ -71,6 +73,7 @@ def run_demo(
     privacy: dict | None = None,
     attack: AttackPlan | None = None,
     centralized: bool = True,
+    secure: dict | None = None,
 ) -> DemoResult:
     """The whole demo; ``strategy`` is the task's ``[strategy]`` table (None: FedAvg) and
     ``attack`` says which devices (indices) poison their updates, and how.
@@ -88,10 +91,24 @@ def run_demo(
     if (run_dir / "run.json").exists():
         raise FedmqError(f"{run_dir} already holds a run: choose another --run-dir")
 
-    described = build(strategy, privacy).describe()  # a bad [strategy] fails before anything starts
+    built = build(strategy, privacy)  # a bad [strategy] fails before anything starts
+    described = built.describe()
+    if secure:
+        from aggregator.secure_settings import secure_settings
+        from broker.secagg.plan import MIN_ROSTER
+
+        secure_settings(secure, built)  # refused with median, Krum, ...: before anything starts
+        if devices < MIN_ROSTER:
+            raise FedmqError(f"secure aggregation needs at least {MIN_ROSTER} devices")
+        described += " with secure aggregation (SecAgg+)"
     with console.status("preparing the watch data set..."):
         data = watch_data.prepare(
-            run_dir / "data", devices=devices, seed=seed, strategy=strategy, privacy=privacy
+            run_dir / "data",
+            devices=devices,
+            seed=seed,
+            strategy=strategy,
+            privacy=privacy,
+            secure=secure,
         )
     names = [f"watch-{k}" for k in range(devices)]
     attackers = tuple(names[k] for k in attack.attackers) if attack else ()
@@ -148,6 +165,15 @@ def run_demo(
             title += f", {len(attackers)} of {devices} devices sending {attack.describe()}"
         _plot_with_held_out(run_dir, task, X_test, y_test, central_acc, title)
 
+    plain = None
+    if privacy or secure:  # what the privacy costs: plain FedAvg on the same data and rounds
+        from fedmq.demo import inprocess
+
+        with console.status("running plain FedAvg on the same data, in one process..."):
+            sim = inprocess.Simulation.from_demo(data).with_strategy(strategy)
+            plain = inprocess.run(sim, rounds=rounds).final
+    last = (aggregator.run_dir.metrics() or [{}])[-1]
+
     result = DemoResult(
         run_dir,
         rounds,
@@ -157,7 +183,9 @@ def run_demo(
         strategy=described,
         attack="clean" if attack is None else attack.describe(),
         attackers=attackers,
-        privacy=(aggregator.run_dir.metrics() or [{}])[-1].get("privacy"),
+        privacy=last.get("privacy"),
+        secure=last.get("secure_aggregation"),
+        plain_accuracy=plain,
     )
     _show_result(console, result, data)
     return result
@@ -251,6 +279,11 @@ def _show_result(console: Console, result: DemoResult, data) -> None:
         f"federated ({result.rounds} rounds over MQTT, {result.strategy}{attack})",
         f"{100 * result.federated_accuracy:.1f}%",
     )
+    if result.plain_accuracy is not None:
+        table.add_row(
+            "plain FedAvg (same data and rounds, in one process, no privacy)",
+            f"{100 * result.plain_accuracy:.1f}%",
+        )
     if not math.isnan(result.centralized_accuracy):
         table.add_row(
             "centralized (pooled data, same epochs)", f"{100 * result.centralized_accuracy:.1f}%"
@@ -262,6 +295,14 @@ def _show_result(console: Console, result: DemoResult, data) -> None:
             f"differential privacy: epsilon = {p['epsilon']:.2f} at delta = {p['delta']:g} "
             f"after {p['rounds']} rounds (noise_multiplier {p['noise_multiplier']:g}, "
             f"clip_norm {p['clip_norm']:g}, sampling rate {p['sampling_rate']:g}; RDP accountant)"
+        )
+    if result.secure:
+        s = result.secure
+        console.print(
+            f"secure aggregation: each round the aggregator saw only the sum of the masked "
+            f"inputs ({s['roster']} devices, threshold {s['threshold']}, "
+            f"{len(s['dropped'])} dropped in the last round); unmasking took "
+            f"{s['unmask_compute_seconds']:.3f}s"
         )
     console.print(
         f"gap: {result.gap_points:+.1f} points; {result.seconds:.0f}s in all; "

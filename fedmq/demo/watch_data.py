@@ -300,9 +300,11 @@ def demo_task(
     train: TrainSpec = DEFAULT_TRAIN,
     strategy: Mapping[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
+    secure: Mapping[str, Any] | None = None,
 ) -> TaskSpec:
     """The demo's task: a small 1-D CNN over (6, window) windows, 7 exercises; ``strategy``
-    is its ``[strategy]`` table (None: none, FedAvg), ``privacy`` its ``[privacy]``."""
+    is its ``[strategy]`` table (None: none, FedAvg), ``privacy`` its ``[privacy]``,
+    ``secure`` its ``[secure_aggregation]``."""
     return TaskSpec(
         model=ModelSpec(
             arch="cnn1d",
@@ -317,6 +319,7 @@ def demo_task(
         seed=seed,
         strategy=dict(strategy or {}),
         privacy=dict(privacy or {}),
+        secure_aggregation=dict(secure or {}),
     )
 
 
@@ -358,6 +361,9 @@ def task_toml(task: TaskSpec) -> str:
         lines += ["[strategy]", *(f"{k} = {value(v)}" for k, v in table.items()), ""]
     if task.privacy:
         lines += ["[privacy]", *(f"{k} = {value(v)}" for k, v in task.privacy.items()), ""]
+    if task.secure_aggregation:
+        table = task.secure_aggregation
+        lines += ["[secure_aggregation]", *(f"{k} = {value(v)}" for k, v in table.items()), ""]
     return "\n".join(lines)
 
 
@@ -374,6 +380,7 @@ def prepare(
     split: str = "auto",
     strategy: Mapping[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
+    secure: Mapping[str, Any] | None = None,
 ) -> DemoData:
     """Write ``device-<k>.npz`` (k = 0 .. devices-1), ``test.npz``, ``task.toml``, ``split.json``.
 
@@ -440,7 +447,7 @@ def prepare(
     test_file = out / "test.npz"
     _save(test_file, test_x, test_y)
     task_path = out / "task.toml"
-    _write_text(task_path, task_toml(demo_task(seed, train, strategy, privacy)))
+    _write_text(task_path, task_toml(demo_task(seed, train, strategy, privacy, secure)))
 
     data = DemoData(
         out_dir=out,
