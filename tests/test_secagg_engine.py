@@ -196,3 +196,43 @@ def test_dp_in_shares_reports_epsilon_and_the_noise_the_survivors_made(federatio
     for r, row in enumerate(rows, start=1):
         assert row["secure_aggregation"]["noise_multiplier"] == pytest.approx(0.5)
         assert row["privacy"]["epsilon"] == pytest.approx(accountant.epsilon(0.5, 1.0, r, 1e-5))
+
+
+class SilentAtUnmask(Agent):
+    """Sends its masked input, then never answers the unmasking request."""
+
+    def _handle_secure(self, topic, payload):
+        if topic == self.topics.round and b'"unmask"' in payload[:2000]:
+            return False
+        return super()._handle_secure(topic, payload)
+
+
+def test_fewer_than_t_survivors_answering_fails_the_round_and_unmasks_nothing(
+    federation, tmp_path, files
+):
+    devices = DEVICES[:5]
+    fed = federation(devices=devices, name="silent")
+    path = tmp_path / "silent.toml"
+    path.write_text(BLOBS_TASK + "\n[secure_aggregation]\nphase_deadline = 3\n")
+    agg = fed.aggregator(
+        tmp_path / "silent",
+        TaskSpec.load(path),
+        rounds=1,
+        min_devices=5,
+        deadline=30,
+        on_short="stop",
+    )
+    thread = fed.in_thread(agg.run, timeout=60)
+    agents = []
+    for d in devices:  # only dev0 answers: every secret lacks shares (threshold 3)
+        cls = Agent if d == "dev0" else SilentAtUnmask
+        agents.append(cls(fed.agent_config(d, files[d])))
+        fed.in_thread(agents[-1].run, timeout=60)
+    try:
+        with pytest.raises(Exception, match=r"cannot unmask the sum.*nothing was unmasked"):
+            join(thread, 60)
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert RunDir(tmp_path / "silent").metrics() == []  # no round completed
+    assert agg.current.secure.total is not None and agg.current.secure.missing()
