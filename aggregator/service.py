@@ -61,7 +61,9 @@ MAX_TRACKED_DEVICES = 100_000  # device statuses kept; more ids are refused "too
 CONNECT_TIMEOUT = 30.0  # seconds to reach the broker at start-up before giving up
 HEARTBEAT = 10.0  # seconds between re-publications of the presence and state
 FINAL_PUBLISH_TIMEOUT = 300.0  # seconds to keep trying to publish the final model
-SELECT_SETTLE = 1.0  # seconds a sampled round waits for devices' statuses before drawing
+# seconds after start-up a sampled round waits for the devices' retained statuses before
+# drawing (later rounds draw at once: a device that comes up meanwhile joins the next)
+SELECT_SETTLE = 1.0
 AVAILABLE = ("online", "training", "skipped")  # devices a round may sample
 
 
@@ -412,6 +414,7 @@ class Aggregator:
             )
 
     def _loop(self, timeout: float | None) -> int:
+        self._loop_started = time.monotonic()
         deadline = None if timeout is None else time.monotonic() + timeout
         current = self._open_round(self.state.completed_round + 1)
         while True:
@@ -563,7 +566,8 @@ class Aggregator:
         if self.secure is not None:
             needed = max(needed, MIN_ROSTER)
         waited = time.monotonic() - current.phase_started
-        if len(available) < needed or waited < SELECT_SETTLE:
+        settling = time.monotonic() - self._loop_started < SELECT_SETTLE
+        if len(available) < needed or (settling and waited < SELECT_SETTLE):
             return current
         current.plan = self.strategy.plan(current.number, available, self.task.seed)
         if current.plan.selected is None:  # secure aggregation names every device it sums
