@@ -236,3 +236,37 @@ def test_fewer_than_t_survivors_answering_fails_the_round_and_unmasks_nothing(
             agent.stop()
     assert RunDir(tmp_path / "silent").metrics() == []  # no round completed
     assert agg.current.secure.total is not None and agg.current.secure.missing()
+
+
+def test_sigkill_mid_secure_round_then_resume_starts_the_round_over(federation, tmp_path, files):
+    """The aggregator dies after masked inputs of round 2 came in; the resumed one opens
+    round 2 with a new session, the devices train again, and the run ends as FedAvg's."""
+    from tests.test_faults import completed, sigkill
+
+    devices = DEVICES[:4]
+    plain, _, _, _ = _run(federation, tmp_path, files, devices, "plain", secure=False, rounds=3)
+    fed = federation(devices=devices, name="killed")
+    task = tmp_path / "killed.toml"
+    task.write_text(BLOBS_TASK + "\n" + SECURE)
+    run_dir, log = tmp_path / "killed-run", tmp_path / "aggregator.log"
+    args = ("--task", str(task), "--rounds", "3", "--min-devices", "4", "--deadline", "60")
+    agg = fed.spawn_aggregator(*args, "--run-dir", str(run_dir), log=log)
+    sent: list[int] = []
+    for d in devices:
+        agent = Agent(
+            fed.agent_config(d, files[d], exit_when_done=True),
+            on_event=lambda kind, info: sent.append(info["round"]) if kind == "trained" else None,
+        )
+        fed.in_thread(agent.run, timeout=150)
+    wait_for(lambda: 2 in sent, 60, "a masked input of round 2", interval=0.005)
+    done, _ = sigkill(agg, run_dir)
+    assert done == 1, done
+    agg = fed.spawn_aggregator("--run-dir", str(run_dir), "--resume", log=log)
+    assert agg.wait(90) == 0, log.read_text()[-3000:]
+    assert completed(run_dir) == 3
+    rows = RunDir(run_dir).metrics()
+    assert [r["contributors"] for r in rows] == [devices] * 3
+    assert sent.count(2) > len(devices)  # round 2 was trained again, in its new session
+    diff = _max_diff(RunDir(run_dir).checkpoint(3), plain.weights)
+    print(f"killed and resumed secure run vs plain FedAvg: {diff:.2e}")
+    assert diff < 1e-5
