@@ -86,16 +86,8 @@ class SecureRound:
     def length(self) -> int:
         return sum(t.numel() for t in self.template.values()) + 1
 
-    def _encode(self, kind: str, fields: Mapping[str, object]) -> bytes:
-        return wire.encode(
-            kind,
-            round_=self.round,
-            session=self.session,
-            federation=self.federation,
-            run_id=self.run_id,
-            fields=fields,
-            sign=self.sign,
-        )
+    def _encode(self, kind: str, fields: Mapping[str, object], tensors=None) -> bytes:
+        return wire.encode_as(self, kind, fields, tensors)
 
     def check(self, msg: SecureMessage, kind: str, allowed: Sequence[str]) -> None:
         why = wire.same(msg, kind, self.round, self.session)

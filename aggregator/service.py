@@ -876,51 +876,64 @@ class Aggregator:
             f"{current.phase.deadline:g}s, {needed} needed",
         )
 
-    def _phase_keys(self, current: _Round) -> _Round:
-        secure = current.secure
-        decision = self._secure_close(current, secure.selected, set(secure.advertised))
+    def _secure_step(
+        self,
+        current: _Round,
+        expected: tuple[str, ...],
+        done: set[str],
+        what: str,
+        close: Callable[[SecureRound], None],
+    ) -> _Round:
+        """A secure phase: wait for the expected devices, retry or stop when short, else
+        ``close`` it (publish what the next phase needs) and move on."""
+        decision = self._secure_close(current, expected, done)
         if decision == rounds.WAIT:
             return current
         if decision == rounds.SHORT:
-            return self._secure_short(current, "advertised keys", len(secure.advertised))
-        self.client.publish(self.topics.round, secure.roster_message(), qos=1, retain=True)
-        log.info(
-            "round %d: secure aggregation roster of %d devices (threshold %d)",
-            current.number,
-            len(secure.roster),
-            secure.threshold,
-        )
+            return self._secure_short(current, what, len(done))
+        close(current.secure)
         self._next_phase(current)
         return current
+
+    def _phase_keys(self, current: _Round) -> _Round:
+        def roster(secure: SecureRound) -> None:
+            self.client.publish(self.topics.round, secure.roster_message(), qos=1, retain=True)
+            log.info(
+                "round %d: secure aggregation roster of %d devices (threshold %d)",
+                current.number,
+                len(secure.roster),
+                secure.threshold,
+            )
+
+        secure = current.secure
+        return self._secure_step(
+            current, secure.selected, set(secure.advertised), "advertised keys", roster
+        )
 
     def _phase_shares(self, current: _Round) -> _Round:
+        def deliver(secure: SecureRound) -> None:
+            for device, payload in secure.deliveries().items():
+                self.client.publish(self.topics.inbox(device), payload, qos=1)
+
         secure = current.secure
-        decision = self._secure_close(current, secure.roster, set(secure.sealed))
-        if decision == rounds.WAIT:
-            return current
-        if decision == rounds.SHORT:
-            return self._secure_short(current, "shared their keys", len(secure.sealed))
-        for device, payload in secure.deliveries().items():
-            self.client.publish(self.topics.inbox(device), payload, qos=1)
-        self._next_phase(current)
-        return current
+        return self._secure_step(
+            current, secure.roster, set(secure.sealed), "shared their keys", deliver
+        )
 
     def _phase_masked(self, current: _Round) -> _Round:
+        def ask_to_unmask(secure: SecureRound) -> None:
+            self.client.publish(self.topics.round, secure.unmask_message(), qos=1, retain=True)
+            log.info(
+                "round %d: %d masked inputs summed, %d devices dropped; unmasking",
+                current.number,
+                len(secure.survivors),
+                len(secure.dropped),
+            )
+
         secure = current.secure
-        decision = self._secure_close(current, secure.sharers, set(secure.metrics))
-        if decision == rounds.WAIT:
-            return current
-        if decision == rounds.SHORT:
-            return self._secure_short(current, "sent masked inputs", len(secure.metrics))
-        self.client.publish(self.topics.round, secure.unmask_message(), qos=1, retain=True)
-        log.info(
-            "round %d: %d masked inputs summed, %d devices dropped; unmasking",
-            current.number,
-            len(secure.survivors),
-            len(secure.dropped),
+        return self._secure_step(
+            current, secure.sharers, set(secure.metrics), "sent masked inputs", ask_to_unmask
         )
-        self._next_phase(current)
-        return current
 
     def _phase_unmask(self, current: _Round) -> _Round | None:
         secure = current.secure

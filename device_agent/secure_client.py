@@ -83,17 +83,7 @@ class SecureClient:
         return self.plan.session
 
     def _encode(self, kind: str, fields: Mapping[str, object], tensors=None) -> bytes:
-        return wire.encode(
-            kind,
-            round_=self.round,
-            session=self.session,
-            federation=self.federation,
-            run_id=self.run_id,
-            device_id=self.device_id,
-            fields=fields,
-            tensors=tensors,
-            sign=self.sign,
-        )
+        return wire.encode_as(self, kind, fields, tensors)
 
     # -- 1: advertise ---------------------------------------------------------------
     def keys_message(self) -> bytes:

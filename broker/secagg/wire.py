@@ -108,6 +108,24 @@ def encode(
     return codec.encode(tensors, meta)
 
 
+def encode_as(
+    party, kind: str, fields: Mapping[str, object], tensors: Mapping | None = None
+) -> bytes:
+    """``encode`` for one side of a session: ``party`` has ``round``, ``session``,
+    ``federation``, ``run_id``, ``sign`` and (a device) ``device_id``."""
+    return encode(
+        kind,
+        round_=party.round,
+        session=party.session,
+        federation=party.federation,
+        run_id=party.run_id,
+        device_id=getattr(party, "device_id", ""),
+        fields=fields,
+        tensors=tensors,
+        sign=party.sign,
+    )
+
+
 def common_metadata(
     kind: str, round_: int, session: str, federation: str, run_id: str, device_id: str = ""
 ) -> dict[str, str]:
