@@ -290,6 +290,8 @@ for key in PATH_KEYS:  # key and certificate files: copied next to agent.toml, 0
         shutil.copyfile(src, etc / src.name)
         os.chmod(etc / src.name, 0o600)
         doc[key] = src.name
+if creds.get("identity_cert"):  # the registry's word on its key: secure aggregation
+    doc["identity_cert"] = creds["identity_cert"]
 if threads:
     doc["threads"] = int(threads)
 header = (

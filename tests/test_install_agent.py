@@ -57,10 +57,11 @@ def dir_flags(dirs: dict[str, Path]) -> list[str]:
     return [arg for name, path in dirs.items() for arg in (f"--{name}", str(path))]
 
 
-def test_script_passes_shellcheck():
+@pytest.mark.parametrize("script", [SCRIPT, SCRIPT.parent / "arm64-round.sh"], ids=lambda p: p.name)
+def test_scripts_pass_shellcheck(script):
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed: apt-get install shellcheck")
-    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -207,9 +208,12 @@ def test_installed_agent_starts_from_its_config_and_reports_online(tmp_path, fed
     etc, state = dirs["etc-dir"], dirs["state-dir"]
     venv = dirs["prefix"] / "venv"
     config = etc / "agent.toml"
-    for secret in (config, etc / "pi-kitchen.ed25519", etc / "ca.crt", etc / "aggregator.pub"):
+    copied = ("pi-kitchen.ed25519", "ca.crt", "aggregator.pub", "registry.pub")
+    for secret in (config, *(etc / name for name in copied)):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     text = config.read_text()
+    # secure aggregation: the registry's key and its certificate of this device's key
+    assert 'registry_key = "registry.pub"' in text and "identity_cert = " in text
     assert 'device_id = "pi-kitchen"' in text and "threads = 1" in text
     assert f'data = "{state / "data" / data.name}"' in text
     # the package came from this checkout, into the new venv (not the reused packages)
