@@ -178,6 +178,10 @@ def aggregate_secure(
         base=current,
     )
     weights = summed.aggregate(current, ListUpdates([update], current, round_=secure.round))
+    if summed is not strategy:  # DP in shares: the noise is in the sum
+        from aggregator.strategies.private import nonnegative_variances
+
+        weights = nonnegative_variances(weights)
     means, rows = WeightedMetrics(), []
     for device in sorted(secure.metrics):
         means.fold(secure.metrics[device], 1)

@@ -94,3 +94,12 @@ def test_epsilon_is_the_accountants_after_every_round():
     for r in reports:
         assert r["epsilon"] == accountant.epsilon(1.1, 0.5, r["rounds"], 1e-5)
     assert reports[0]["epsilon"] < reports[1]["epsilon"] < reports[2]["epsilon"]
+
+
+def test_noise_never_leaves_a_batchnorm_variance_negative():
+    """sigma*C/n noise on a variance near 0 would make it negative and the model NaN."""
+    g = {"bn.running_var": torch.full((1000,), 1e-3), "w": torch.zeros(1000)}
+    ups = [Update(f"d{i}", 1, {k: v.clone() for k, v in g.items()}, 2, g) for i in range(2)]
+    out = private(1.0, 1.0).aggregate(g, ListUpdates(ups, g, round_=2))
+    assert float(out["bn.running_var"].min()) == 0.0  # clamped, not negative
+    assert float(out["w"].min()) < 0  # the weights keep their noise

@@ -44,6 +44,16 @@ COMPOSES_WITH = ("fedavg", "fedprox")
 EFFECTIVE_KEY = "privacy.effective_noise"  # in the strategy's checkpoint state
 
 
+def nonnegative_variances(weights: Tensors) -> Tensors:
+    """BatchNorm's running variances clamped at 0: noise of std sigma*C/n can push one below
+    0, and the model would then give NaN for every input. Post-processing of the noisy
+    result, so the privacy guarantee is unchanged."""
+    return {
+        k: v.clamp(min=0) if k.endswith("running_var") and v.is_floating_point() else v
+        for k, v in weights.items()
+    }
+
+
 class Private(Strategy):
     """``inner`` (fedavg or fedprox) made differentially private."""
 
@@ -126,7 +136,7 @@ class Private(Strategy):
         result = cast_like(out, global_weights)
         if counters is not None:
             result |= counters.average()  # integer buffers: FedAvg's value
-        return {k: result[k] for k in global_weights}
+        return nonnegative_variances({k: result[k] for k in global_weights})
 
     def sampling_rate(self) -> float:
         return self.fraction
