@@ -79,8 +79,9 @@ install options:
 uninstall: stops and removes the service and the program directory; --purge also
   removes the config, credentials, data and the user it created.
 environment: TORCH_VERSION (default 2.13.0), FEDMQ_CPU_QUOTA, FEDMQ_MEMORY_MAX,
-  FEDMQ_TORCH_INDEX (extra index for torch; x86_64 default PyTorch's CPU index, empty: none;
-  aarch64 default none: PyPI's wheel, a CUDA build that brings 2.4 GB of NVIDIA wheels)
+  FEDMQ_TORCH_INDEX (an extra index for torch, e.g. PyTorch's CPU wheel index: then x86_64
+  installs torch==VERSION+cpu from it; unset: torch==VERSION as pip finds it, and PyPI's
+  x86_64 and aarch64 wheels are CUDA builds that bring gigabytes of NVIDIA wheels)
 EOF
 }
 
@@ -129,8 +130,14 @@ for 32-bit ARM (armv7/armhf), so the agent cannot be installed. Install the 64-b
 libraries about 2.9 GB to download and 4.7 GB on disk (FEDMQ_TORCH_INDEX: see --help)"
             fi ;;
         x86_64 | amd64)  # PyPI's x86_64 wheel pulls CUDA: the +cpu build of PyTorch's index
-            TORCH_SPEC="torch==$TORCH_VERSION+cpu"
-            TORCH_INDEX="${FEDMQ_TORCH_INDEX-https://download.pytorch.org/whl/cpu}" ;;
+            TORCH_INDEX="${FEDMQ_TORCH_INDEX-}"
+            if [ -n "$TORCH_INDEX" ]; then
+                TORCH_SPEC="torch==$TORCH_VERSION+cpu"
+            else  # what pip finds (a local wheel directory, say), as scripts/setup.sh does
+                TORCH_SPEC="torch==$TORCH_VERSION"
+                TORCH_NOTE="no FEDMQ_TORCH_INDEX: torch $TORCH_VERSION as pip finds it; PyPI's \
+x86_64 wheel is a CUDA build (gigabytes): point FEDMQ_TORCH_INDEX at PyTorch's CPU wheel index"
+            fi ;;
         *) die "unsupported machine $machine: torch has wheels for aarch64 and x86_64 only" ;;
     esac
 }

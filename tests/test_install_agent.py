@@ -102,7 +102,17 @@ def test_dry_run_on_arm64_installs_the_pinned_torch_from_pypi_and_changes_nothin
     assert "matplotlib" not in out and "scikit-learn" not in out
     assert not (tmp_path / "root").exists()
     x86 = script(*args, *dir_flags(dirs), "--user", "root", env={"FEDMQ_INSTALL_ARCH": "x86_64"})
-    assert "--extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu" in x86.stdout
+    assert "pip_quiet torch==2.13.0\n" in x86.stdout  # as pip finds it (setup.sh does the same)
+    assert "point FEDMQ_TORCH_INDEX at PyTorch's CPU wheel index" in x86.stdout
+    index = "https://cpu-wheels.invalid/whl"  # the +cpu build from the index given
+    cpu = script(
+        *args,
+        *dir_flags(dirs),
+        "--user",
+        "root",
+        env={"FEDMQ_INSTALL_ARCH": "x86_64", "FEDMQ_TORCH_INDEX": index},
+    )
+    assert f"--extra-index-url {index} torch==2.13.0+cpu" in cpu.stdout
 
 
 @pytest.mark.parametrize("has_torch", [True, False], ids=["right-torch", "no-torch"])
