@@ -922,7 +922,9 @@ class Aggregator:
         secure = current.secure
         if secure.missing():
             waited = time.monotonic() - current.phase_started
-            if waited < current.phase.deadline:
+            # once every survivor has revealed, no share can still come: short at once
+            answered = set(secure.revealed) >= set(secure.survivors)
+            if waited < current.phase.deadline and not answered:
                 return current
             return self._short(current, f"round {current.number}: {secure.failure()}")
         try:
