@@ -332,7 +332,13 @@ class Aggregator:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos), self._stop.is_set)
+        self._inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos), self._loop_over)
+
+    def _loop_over(self) -> bool:
+        """Nothing takes from the inbox any more (the run is done, stopped or failed): the
+        network thread must not wait for room, or the acks that the last publications wait
+        for (the final model, the presence) are never read. The message stays unacked."""
+        return self._stop.is_set() or self.phase in ("done", "stopped", "failed")
 
     # -- main loop --------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> int:
