@@ -59,6 +59,9 @@ max_weight = 60
 phase_deadline = {phase_deadline}
 """
 TOLERANCE = 1e-5
+# paho's network loop uses select(), which takes descriptors below 1024 only, and each
+# client holds three (its socket and a wake-up pair): at most ~330 devices per process
+DEVICES_PER_PROCESS = 250
 CLK_TCK = 100
 
 
@@ -163,8 +166,9 @@ def run_round(fed, ctx, work: Path, args, n: int, dropout: float | None) -> dict
     task = work / f"{name}.toml"
     extra = SECURE.format(phase_deadline=args.phase_deadline) if secure else ""
     task.write_text(TASK.format(hidden=args.hidden) + extra)
+    procs = max(args.procs, -(-n // DEVICES_PER_PROCESS))
     workers, connect = start_fleets(
-        ctx, fed, devices, "secure" if secure else "plain", dropped, args.procs
+        ctx, fed, devices, "secure" if secure else "plain", dropped, procs
     )
     run = work / name
     broker_cpu = cpu_seconds(fed.broker.pid)
@@ -270,6 +274,7 @@ def run_round(fed, ctx, work: Path, args, n: int, dropout: float | None) -> dict
         "handler_cpu": fleet["handler_cpu"],
         "connect_seconds": connect,
         "wall_seconds": wall,
+        "procs": procs,
     }
 
 
@@ -319,7 +324,7 @@ def report(results: list[dict]) -> None:
             f"devices {r['devices_cpu']:.1f}; aggregator peak RSS {r['rss_peak_mb']:.0f} MB; "
             f"wall {r['wall_seconds']:.1f} s from aggregator start"
             + ("" if r.get("failed") else f" (row: {r['row_seconds']:.2f} s from round open)")
-            + f"; devices connected in {r['connect_seconds']:.1f} s"
+            + f"; devices connected in {r['connect_seconds']:.1f} s ({r['procs']} processes)"
         )
     done = [r["max_diff"] for r in results if not r.get("failed")]
     worst = max(done) if done else float("nan")
@@ -332,7 +337,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--devices", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.3])
     parser.add_argument("--hidden", type=int, default=280, help="MLP width: 280 = 99,128 params")
-    parser.add_argument("--procs", type=int, default=2, help="device worker processes")
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=2,
+        help=f"device worker processes (at least one per {DEVICES_PER_PROCESS} devices)",
+    )
     parser.add_argument(
         "--phase-deadline", type=float, default=120, help="seconds of keys/shares/unmask"
     )
