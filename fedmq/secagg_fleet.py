@@ -101,6 +101,7 @@ class SimDevice:
         self.done = threading.Event()
         self.uploaded: Counter = Counter()  # message kind -> payload bytes this device sent
         self.errors: list[str] = []
+        self.refusals: list[str] = []
         self.secure: SecureClient | None = None
         self.model: messages.ModelMessage | None = None
         self.trained: dict[str, torch.Tensor] | None = None
@@ -238,8 +239,8 @@ class SimDevice:
             elif msg.kind == "unmask":
                 self._send("reveal", self.topics.secagg(me), client.on_unmask(msg))
                 self.done.set()
-        except Refused as exc:
-            self.errors.append(f"refused {msg.kind}: {exc}")
+        except Refused as exc:  # e.g. an earlier run's round still retained: counted
+            self.refusals.append(f"refused {msg.kind}: {exc}")
 
     def _go_away(self) -> None:
         """Dropped after sharing: say offline (as an agent stopping does), then leave."""
@@ -298,6 +299,7 @@ class Fleet:
             "uploaded": {d.device_id: dict(d.uploaded) for d in self.devices},
             "done": sorted(d.device_id for d in self.devices if d.done.is_set()),
             "errors": [f"{d.device_id}: {e}" for d in self.devices for e in d.errors],
+            "refusals": [f"{d.device_id}: {e}" for d in self.devices for e in d.refusals],
             "handler_cpu": sum(d.cpu for d in self.devices),
             "process_cpu": time.process_time(),
         }

@@ -138,7 +138,8 @@ def start_fleets(ctx, fed: LocalFederation, devices, mode: str, drop: set, procs
 
 
 def stop_fleets(workers) -> dict:
-    out = {"uploaded": {}, "done": [], "errors": [], "handler_cpu": 0.0, "process_cpu": 0.0}
+    out = {"uploaded": {}, "done": [], "errors": [], "refusals": [], "handler_cpu": 0.0}
+    out["process_cpu"] = 0.0
     for _, conn in workers:
         conn.send("stop")
     for proc, conn in workers:
@@ -147,6 +148,7 @@ def stop_fleets(workers) -> dict:
             out["uploaded"].update(value["uploaded"])
             out["done"] += value["done"]
             out["errors"] += value["errors"]
+            out["refusals"] += value["refusals"]
             out["handler_cpu"] += value["handler_cpu"]
             out["process_cpu"] += value["process_cpu"]
         else:
@@ -275,6 +277,7 @@ def run_round(fed, ctx, work: Path, args, n: int, dropout: float | None) -> dict
         "connect_seconds": connect,
         "wall_seconds": wall,
         "procs": procs,
+        "refusals": fleet["refusals"],
     }
 
 
@@ -326,6 +329,8 @@ def report(results: list[dict]) -> None:
             + ("" if r.get("failed") else f" (row: {r['row_seconds']:.2f} s from round open)")
             + f"; devices connected in {r['connect_seconds']:.1f} s ({r['procs']} processes)"
         )
+        if r.get("refusals"):
+            print(f"    devices refused {len(r['refusals'])} steps, e.g. {r['refusals'][0]}")
     done = [r["max_diff"] for r in results if not r.get("failed")]
     worst = max(done) if done else float("nan")
     verdict = "OK" if worst <= TOLERANCE else "FAILED"
