@@ -24,6 +24,7 @@ difference).
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import random
 import resource
@@ -229,6 +230,7 @@ def run_round(fed, ctx, work: Path, args, n: int, dropout: float | None) -> dict
             "broker_cpu": broker_cpu,
             "devices_cpu": fleet["process_cpu"],
             "connect_seconds": connect,
+            "procs": procs,
             "expected_lacking": expected_lacking(n, len(dropped)),
         }
     rundir = RunDir(run)
@@ -382,6 +384,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         flush=True,
                     )
                 results.append(r)
+    (work / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     report(results)
     return results
 
