@@ -338,7 +338,13 @@ class Aggregator:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos), self._stop.is_set)
+        self._inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos), self._loop_over)
+
+    def _loop_over(self) -> bool:
+        """Nothing takes from the inbox any more (the run is done, stopped or failed): the
+        network thread must not wait for room, or the acks that the last publications wait
+        for (the final model, the presence) are never read. The message stays unacked."""
+        return self._stop.is_set() or self.phase in ("done", "stopped", "failed")
 
     # -- main loop --------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> int:
@@ -943,7 +949,9 @@ class Aggregator:
         secure = current.secure
         if secure.missing():
             waited = time.monotonic() - current.phase_started
-            if waited < current.phase.deadline:
+            # once every survivor has revealed, no share can still come: short at once
+            answered = set(secure.revealed) >= set(secure.survivors)
+            if waited < current.phase.deadline and not answered:
                 return current
             return self._short(current, f"round {current.number}: {secure.failure()}")
         try:
