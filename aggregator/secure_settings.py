@@ -5,6 +5,7 @@
     clip_range = 1.0        # each coordinate of a device's weighted update, clipped to +-this
     max_weight = 10000      # sample count at which a device's weight saturates
     phase_deadline = 60     # seconds for each of the key, share and unmasking phases
+    max_dropout = 0.3       # the fraction of devices that may drop after sharing their keys
 
 It works with the strategies whose result is a function of the weighted sum of the
 updates (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad) and refuses the
@@ -32,6 +33,7 @@ class SecureSettings:
     clip_range: float
     max_weight: int
     phase_deadline: float
+    max_dropout: float = 0.3  # sizes the graph: more neighbours, more tolerance, more work
     noise_multiplier: float = 0.0  # sigma of [privacy], 0 without it
     dp_clip: float = 0.0  # C of [privacy]
 
@@ -44,6 +46,7 @@ class SecureSettings:
             selected=selected,
             noise=self.noise_per_device(selected),
             deadline=self.phase_deadline,
+            dropout=self.max_dropout,
         )
 
     def noise_per_device(self, selected: int) -> float:
@@ -81,11 +84,13 @@ def secure_settings(table: Mapping[str, Any] | None, strategy: Strategy) -> Secu
             f"[{SECTION}] max_weight must be 1 with [privacy]: every device counts the same"
         )
     deadline = params.number("phase_deadline", 60.0, low=0.1)
+    max_dropout = params.number("max_dropout", 0.3, low=0.0, high=0.49)
     params.done(SECTION)
     return SecureSettings(
         clip_range=clip_range,
         max_weight=max_weight,
         phase_deadline=deadline,
+        max_dropout=max_dropout,
         noise_multiplier=sigma,
         dp_clip=dp_clip,
     )

@@ -120,7 +120,7 @@ class SecureClient:
             raise Refused("the roster holds keys this device did not advertise")
         if len(roster) < MIN_ROSTER:
             raise Refused(f"a roster of {len(roster)} devices (fewer than {MIN_ROSTER})")
-        graph, threshold = round_graph(self.session, list(roster.values()))
+        graph, threshold = round_graph(self.session, list(roster.values()), self.plan.dropout)
         said = (msg.metadata.get("threshold"), msg.metadata.get("degree"))
         if said[0] != str(threshold):
             raise Refused(f"the roster says threshold {said[0]}, the graph gives {threshold}")

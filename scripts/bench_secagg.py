@@ -58,12 +58,16 @@ SECURE = """
 clip_range = 1.0
 max_weight = 60
 phase_deadline = {phase_deadline}
+max_dropout = {max_dropout}
 """
 TOLERANCE = 1e-5
 # paho's network loop uses select(), which takes descriptors below 1024 only, and each
 # client holds three (its socket and a wake-up pair): at most ~330 devices per process
 DEVICES_PER_PROCESS = 250
 CLK_TCK = 100
+
+
+MAX_DROPOUT = 0.3  # the [secure_aggregation] max_dropout the rounds are sized for
 
 
 def rss_mb(pid: int) -> float:
@@ -98,7 +102,7 @@ def expected_lacking(n: int, dropped: int) -> float:
     go away after sharing: a survivor's seed has only its surviving neighbours' shares, so it
     is lost with more than degree - t dropped neighbours; a dropped device's mask key, with
     fewer than t surviving neighbours (each device's k neighbours: ~ a random k of n - 1)."""
-    k = graph.degree_for(n)
+    k = graph.degree_for(n, MAX_DROPOUT)
     t = graph.threshold_for(k)
     survivors = n - dropped
     lost_seed = hypergeom_at_least(n - 1, dropped, k, k - t + 1)
@@ -167,7 +171,9 @@ def run_round(fed, ctx, work: Path, args, n: int, dropout: float | None) -> dict
     devices = fed.devices[:n]
     dropped = set(random.Random(n).sample(devices, round(n * dropout))) if secure else set()
     task = work / f"{name}.toml"
-    extra = SECURE.format(phase_deadline=args.phase_deadline) if secure else ""
+    extra = (
+        SECURE.format(phase_deadline=args.phase_deadline, max_dropout=MAX_DROPOUT) if secure else ""
+    )
     task.write_text(TASK.format(hidden=args.hidden) + extra)
     procs = max(args.procs, -(-n // DEVICES_PER_PROCESS))
     workers, connect = start_fleets(
@@ -316,7 +322,7 @@ def report(results: list[dict]) -> None:
     print()
     for r in results:
         if r["secure"]:
-            k = graph.degree_for(r["devices"])
+            k = graph.degree_for(r["devices"], MAX_DROPOUT)
             print(
                 f"{r['name']}: degree {k}, threshold {graph.threshold_for(k)}, dropped "
                 f"{r['dropped']}; secrets expected to lack shares: {r['expected_lacking']:.2g}"

@@ -429,3 +429,25 @@ def test_graph_refuses_bad_arguments() -> None:
         graph.neighbours(["a", "a", "b"], 1, SEED)
     with pytest.raises(ValueError, match="degree"):
         graph.neighbours(_ids(10), -1, SEED)
+
+
+def test_the_degree_grows_until_the_round_survives_its_dropout_bound() -> None:
+    """2 ceil(log2 n) neighbours lose ~46 of 1,000 secrets at 30% dropout (t = k/2 + 1);
+    sized for the bound, a random 30% drop leaves every secret at least t shares."""
+    import random
+
+    assert graph.degree_for(1000, 0.0) == 20
+    assert graph.degree_for(1000, 0.3) == 134
+    assert graph.degree_for(100, 0.3) == 99  # the complete graph
+    assert 1000 * graph.short_of_threshold(134, 0.7) <= graph.ROUND_FAILURE
+    assert 1000 * graph.short_of_threshold(20, 0.7) > 40  # the unsized graph's loss
+    ids = _ids(1000)
+    k = graph.degree_for(1000, 0.3)
+    nb = graph.neighbours(ids, k, SEED)
+    t = graph.threshold_for(k)
+    for trial in range(5):
+        dropped = set(random.Random(trial).sample(ids, 300))
+        short = [d for d in ids if sum(v not in dropped for v in nb[d]) < t]
+        assert not short, (trial, len(short))
+    with pytest.raises(ValueError):
+        graph.degree_for(10, 0.5)

@@ -28,6 +28,7 @@ class SecurePlan:
     selected: int  # devices the round is sized for: the fixed-point levels fit their sum
     noise: float = 0.0  # std of the Gaussian noise each device adds (DP in shares)
     deadline: float = 60.0  # seconds of each key/share/unmask phase
+    dropout: float = 0.3  # the fraction of devices that may drop after sharing: sizes the graph
 
     def to_json(self) -> dict:
         return {
@@ -37,6 +38,7 @@ class SecurePlan:
             "selected": self.selected,
             "noise": self.noise,
             "deadline": self.deadline,
+            "dropout": self.dropout,
         }
 
 
@@ -48,6 +50,7 @@ def parse_secure_plan(raw: object) -> SecurePlan:
         "selected",
         "noise",
         "deadline",
+        "dropout",
     }:
         raise bad("plan 'secure' must be an object of session, clip, max_weight, selected")
     session = raw.get("session")
@@ -58,8 +61,9 @@ def parse_secure_plan(raw: object) -> SecurePlan:
         ("clip", 1e-9, 1e9),
         ("noise", 0.0, 1e9),
         ("deadline", 0.1, 86400.0),
+        ("dropout", 0.0, 0.49),
     ):
-        value = raw.get(key, {"noise": 0.0, "deadline": 60.0}.get(key))
+        value = raw.get(key, {"noise": 0.0, "deadline": 60.0, "dropout": 0.3}.get(key))
         if not _number(value) or not low <= value <= high:
             raise bad(f"plan 'secure' {key} must be a number in [{low:g}, {high:g}]")
         numbers[key] = float(value)

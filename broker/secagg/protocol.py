@@ -35,10 +35,13 @@ def graph_seed(session: str, roster: Sequence[Keys]) -> bytes:
     return h.digest()
 
 
-def round_graph(session: str, roster: Sequence[Keys]) -> tuple[dict[str, tuple[str, ...]], int]:
-    """(neighbours of each device, Shamir threshold) of a roster."""
+def round_graph(
+    session: str, roster: Sequence[Keys], dropout: float
+) -> tuple[dict[str, tuple[str, ...]], int]:
+    """(neighbours of each device, Shamir threshold) of a roster, the degree sized so the
+    round survives ``dropout`` (the plan's bound)."""
     ids = sorted(k.device_id for k in roster)
-    degree = graph.degree_for(len(ids))
+    degree = graph.degree_for(len(ids), dropout)
     return graph.neighbours(ids, degree, graph_seed(session, roster)), graph.threshold_for(degree)
 
 

@@ -91,17 +91,38 @@ def combine(shares: Mapping[int, int], threshold: int, length: int) -> bytes:
         if not isinstance(y, int) or isinstance(y, bool) or not 0 <= y < PRIME:
             raise ValueError(f"share value at index {x} is not in 0..P-1")
     xs = sorted(shares)[:threshold]
-    secret = 0
+    # Lagrange at 0: secret = Σ y_i · Π_{j≠i} x_j / Π_{j≠i} (x_j − x_i). The denominators are
+    # inverted together (one modular inverse and 3t products), which keeps a combine at
+    # t = 68 (1,000 devices sized for 30% dropout) near a millisecond.
+    nums, dens = [], []
     for i, xi in enumerate(xs):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if j != i:
                 num = num * xj % PRIME
                 den = den * (xj - xi) % PRIME
-        secret = (secret + shares[xi] * num * pow(den, -1, PRIME)) % PRIME
+        nums.append(num)
+        dens.append(den)
+    secret = 0
+    for xi, num, inverse in zip(xs, nums, _inverses(dens)):
+        secret = (secret + shares[xi] * num * inverse) % PRIME
     if secret.bit_length() > 8 * length:
         raise ValueError(f"recovered value does not fit in {length} bytes (wrong shares?)")
     return secret.to_bytes(length, "big")
+
+
+def _inverses(values: list[int]) -> list[int]:
+    """Each value's inverse mod PRIME with a single ``pow`` (Montgomery's batch trick)."""
+    prefix, running = [], 1
+    for v in values:
+        prefix.append(running)
+        running = running * v % PRIME
+    inverse = pow(running, -1, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inverse * prefix[i] % PRIME
+        inverse = inverse * values[i] % PRIME
+    return out
 
 
 def share_to_bytes(y: int) -> bytes:
