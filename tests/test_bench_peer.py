@@ -19,6 +19,7 @@ def _load_peer():
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("bench_peer", BENCH / "peer.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -184,6 +184,7 @@ def run_fedmq(work: Path, data: Path, rounds: int, clients: int) -> Run:
         raise RuntimeError(f"fedmq aggregator exited {code}: {(logs / 'aggregator').read_text()}")
     runs = RunDir(run_dir)
     rows = runs.metrics()
+    run.extra.update(fedmq_phases(runs, rows[-1]["round"], run.start, run.end))
     run.extra["metrics_seconds_median"] = statistics.median(r["seconds"] for r in rows[1:])
     payload = runs.checkpoint_path(rows[-1]["round"]).read_bytes()
     tensors = codec.decode(payload, max_payload=len(payload)).tensors
@@ -191,6 +192,23 @@ def run_fedmq(work: Path, data: Path, rounds: int, clients: int) -> Run:
     model.load_state_dict(tensors)
     run.accuracy = workload.accuracy(model, *workload.load_test(data))
     return run
+
+
+def fedmq_phases(runs, last: int, start: float, end: float) -> dict[str, float]:
+    """Where a fedmq command's time went, from the files its aggregator writes once:
+    start-up (until the initial model's checkpoint), round 1 after that, the rounds after
+    round 1, the plots after the last round, and the exits after the plots."""
+    ready = runs.checkpoint_path(0).stat().st_mtime
+    first = runs.checkpoint_path(1).stat().st_mtime
+    final = runs.checkpoint_path(last).stat().st_mtime
+    plots = max((p.stat().st_mtime for p in runs.path.glob("*.png")), default=final)
+    return {
+        "startup_s": ready - start,
+        "round1_after_startup_s": first - ready,
+        "rounds_2_to_R_s": final - first,
+        "plots_s": plots - final,
+        "exit_after_plots_s": end - plots,
+    }
 
 
 def run_command(system: str, command: list[str], events: Path) -> Run:
