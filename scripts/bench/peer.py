@@ -27,6 +27,9 @@ system, between the end of round 1 and the end of round R, over R - 1), first ro
 of the command to the end of round 1), whole command, final accuracy (the global model on
 the test split) and peak memory (the largest sum of the processes' RSS, sampled every 0.2
 s); then the ratios fedmq/Flower and fedmq/in-process beside the goals of fedmq issue 12.
+Each run's line also splits fedmq's command: start-up (broker start to the aggregator's
+initial checkpoint), round 1 after that, rounds 2..R, the plots after the last round, and
+the exits after the plots.
 The machine is whatever this runs on: say if it was shared.
 """
 
@@ -372,7 +375,10 @@ def benchmark(
             runs.append(run)
             figs = run.figures()
             detail = ", ".join(f"{k} {v:.3f}" for k, v in figs.items())
-            extra = ", ".join(f"{k} {v:.3f}" for k, v in run.extra.items())
+            extra = ", ".join(
+                f"{k} {v:.3f}"
+                for k, v in {"cpu_until_round1_s": run.round_cpu[1], **run.extra}.items()
+            )
             say(f"rep {rep + 1} {system}: {detail}" + (f" ({extra})" if extra else ""))
     return runs, summarize(runs)
 
