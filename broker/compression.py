@@ -22,6 +22,11 @@ encoding      tensors
 ``topk``      ``index`` I32[K] (ascending) and ``value`` F32[K]: each tensor's
               ``ceil(fraction * numel)`` largest coordinates of delta + residual; the
               rest stays in the device's residual (error feedback) for later rounds.
+              Tensors of fewer than 2 dimensions (biases, normalization weights and
+              running statistics) travel whole in ``dense`` F32[D]: they are few, and
+              running statistics are values, not sums of gradients: error feedback
+              overshoots them (on the demo, a BatchNorm variance went negative and the
+              model fell to chance when they were sparsified).
 all           ``counters`` I64[M], the deltas of the integer tensors' M coordinates
 ============  =====================================================================
 
@@ -89,8 +94,15 @@ class Layout:
         return sizes
 
     def topk_counts(self, fraction: float) -> list[int]:
-        """topk's k for each floating tensor, in order."""
-        return [min(numel, math.ceil(fraction * numel)) for _, _, _, numel in self.floats]
+        """topk's k for each floating tensor, in order (0 for those sent whole)."""
+        return [
+            min(numel, math.ceil(fraction * numel)) if len(shape) >= 2 else 0
+            for _, shape, _, numel in self.floats
+        ]
+
+    def dense(self) -> list[tuple[int, int]]:
+        """(start, numel) of the floating tensors topk sends whole: fewer than 2 dims."""
+        return [(start, numel) for _, shape, start, numel in self.floats if len(shape) < 2]
 
 
 def wire_schema(schema: Schema, settings: Compression) -> dict[str, TensorSpec]:
@@ -106,6 +118,9 @@ def wire_schema(schema: Schema, settings: Compression) -> dict[str, TensorSpec]:
         k = sum(layout.topk_counts(settings.fraction))
         wire["index"] = TensorSpec("I32", (k,))
         wire["value"] = TensorSpec("F32", (k,))
+        dense = sum(numel for _, numel in layout.dense())
+        if dense:
+            wire["dense"] = TensorSpec("F32", (dense,))
     else:
         raise ValueError(f"no wire schema for encoding {settings.encoding!r}")
     if layout.ints:
@@ -151,6 +166,10 @@ def encode(
         new_residual = delta.clone()
         new_residual[index.long()] = 0.0
         wire["index"], wire["value"] = index, value
+        if layout.dense():
+            wire["dense"] = torch.cat([delta[a : a + n] for a, n in layout.dense()])
+            for a, n in layout.dense():
+                new_residual[a : a + n] = 0.0
     else:
         raise ValueError(f"cannot encode with {settings.encoding!r}")
     if layout.ints:
@@ -238,6 +257,10 @@ def decode(
     elif settings.encoding == "topk":
         delta = torch.zeros(layout.size)
         delta[wire["index"].long()] = wire["value"]
+        offset = 0
+        for start, numel in layout.dense():
+            delta[start : start + numel] = wire["dense"][offset : offset + numel]
+            offset += numel
     else:
         raise ValueError(f"cannot decode {settings.encoding!r}")
     weights: Tensors = {}

@@ -128,7 +128,10 @@ def test_topk_keeps_each_tensors_k_largest_and_feeds_the_rest_back():
     counts = layout.topk_counts(0.1)
     assert wire["index"].shape == (sum(counts),) and residual.shape == (layout.size,)
     got = delta_of(compression.decode(wire, TOPK, base), base)
-    for (name, _, _, numel), k in zip(layout.floats, counts):
+    for (name, shape, _, numel), k in zip(layout.floats, counts):
+        if len(shape) < 2:  # biases, normalization weights and statistics: whole, exact
+            assert k == 0 and torch.allclose(got[name], want[name], atol=1e-6), name
+            continue
         kept = got[name].reshape(-1) != 0
         assert int(kept.sum()) == k == min(numel, math.ceil(0.1 * numel))
         if k:
@@ -142,15 +145,16 @@ def test_topk_keeps_each_tensors_k_largest_and_feeds_the_rest_back():
 
 
 def test_topk_error_feedback_sends_every_coordinate_in_time():
-    base = {"w": torch.zeros(100)}
-    trained = {"w": torch.linspace(0.5, 1.0, 100)}  # the same delta every round
+    base = {"w": torch.zeros(10, 10)}
+    trained = {"w": torch.linspace(0.5, 1.0, 100).reshape(10, 10)}  # the same every round
     settings = Compression("topk", fraction=0.1)
     residual, sent = None, torch.zeros(100)
     for _ in range(60):
         wire, residual = compression.encode(trained, base, settings, residual=residual)
-        sent += compression.decode(wire, settings, base)["w"]
+        assert wire["index"].shape == (10,) and "dense" not in wire
+        sent += compression.decode(wire, settings, base)["w"].reshape(-1)
     # conservation: sent + residual = 60 rounds of delta
-    assert torch.allclose(sent + residual, 60 * trained["w"], rtol=1e-5)
+    assert torch.allclose(sent + residual, 60 * trained["w"].reshape(-1), rtol=1e-5)
     # 10 of 100 a round, yet every coordinate, the smallest included, built up in the
     # residual until it was sent; and none is held back for long
     assert bool((sent > 0).all())
@@ -367,3 +371,44 @@ def test_fuzzed_compressed_payloads_only_ever_raise_codec_errors(settings):
             assert exc.reason == "non_finite"
         outcomes["decoded"] += 1
     assert outcomes["refused"] > 100
+
+
+# -- the demo's task and flags -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "table",
+    [{"encoding": "int8", "per_channel": True}, {"encoding": "topk", "fraction": 0.05}],
+)
+def test_the_demo_writes_its_compression_table_into_the_task(tmp_path, table):
+    from fedmq.demo import watch_data
+
+    path = tmp_path / "task.toml"
+    path.write_text(watch_data.task_toml(watch_data.demo_task(0, compression=table)))
+    assert TaskSpec.load(path).compression == table
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--topk-fraction", "0.1"], "--topk-fraction needs --compression topk"),
+        (["--compression", "int8", "--secure-aggregation"], "do not combine"),
+        (["--compression", "zip"], "Invalid value for '--compression'"),
+    ],
+)
+def test_demo_refuses_compression_flags_that_do_not_fit(flags, message):
+    from click.testing import CliRunner
+
+    from fedmq.cli import main
+
+    result = CliRunner().invoke(main, ["demo", *flags])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_demo_flags_give_the_table():
+    from fedmq.cli import compression_table
+
+    assert compression_table(None, None) is None
+    assert compression_table("topk", None) == {"encoding": "topk", "fraction": 0.01}
+    assert compression_table("int8-channel", None) == {"encoding": "int8", "per_channel": True}
+    assert compression_table("fp16", None) == {"encoding": "fp16"}
