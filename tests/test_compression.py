@@ -412,3 +412,33 @@ def test_demo_flags_give_the_table():
     assert compression_table("topk", None) == {"encoding": "topk", "fraction": 0.01}
     assert compression_table("int8-channel", None) == {"encoding": "int8", "per_channel": True}
     assert compression_table("fp16", None) == {"encoding": "fp16"}
+
+
+# -- scripts/compression_table.py ---------------------------------------------------------
+
+
+def _table_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compression_table.py"
+    spec = importlib.util.spec_from_file_location("compression_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tables_wire_decodes_what_it_sends_and_counts_its_bytes():
+    script = _table_script()
+    base = model()
+    trained = trained_from(base)
+    plain, int8 = script.Wire({}, 0), script.Wire({"encoding": "int8"}, 0)
+    assert plain("dev", 1, base, trained) is not trained
+    got = int8("dev", 1, base, trained)
+    for name in base:
+        assert maxabs(got[name].double() - trained[name].double()) < 1e-3
+    floats = sum(v.numel() for v in base.values() if v.is_floating_point())
+    assert plain.sizes[0] - int8.sizes[0] > 2 * floats  # 3 of every 4 bytes, less framing
+    rows = {"float32": [(1000.0, 0.9, 1.0)], "int8": [(250.0, 0.895, 1.0)]}
+    text = script.table(rows)
+    assert "| int8 | 250 | 0.250 | 89.5% | -0.5 pts, -0.5 | 1 |" in text

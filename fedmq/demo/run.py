@@ -78,12 +78,13 @@ def run_demo(
     secure: dict | None = None,
     compression: dict | None = None,
     plain_beside: bool = True,
+    deadline: float = 120,
 ) -> DemoResult:
     """The whole demo; ``strategy`` is the task's ``[strategy]`` table (None: FedAvg) and
     ``attack`` says which devices (indices) poison their updates, and how.
     ``centralized=False`` skips the centralised baseline (its accuracy is then NaN);
     ``plain_beside=False`` skips plain FedAvg in one process beside DP, secure aggregation
-    or compression."""
+    or compression. ``deadline``: seconds a round waits for every device."""
     from aggregator.strategies import build
     from fedmq.demo import watch_data
 
@@ -145,7 +146,7 @@ def run_demo(
                 extra += ["--attack", attack.kind, "--attack-scale", repr(attack.scale)]
             fed.spawn_agent(name, path, *extra, log=logs / f"{name}.log")
         config = fed.aggregator_config(
-            run_dir, task, rounds=rounds, min_devices=devices, deadline=120, on_short="stop"
+            run_dir, task, rounds=rounds, min_devices=devices, deadline=deadline, on_short="stop"
         )
         aggregator = Aggregator(config)
         failure = _watch_agents(fed, names, logs, aggregator)
