@@ -83,8 +83,8 @@ class Agent:
         self._deferred: tuple[messages.ModelMessage, TrainingHooks, str] | None = None
         self._recheck_at = 0.0
         self._secure: _SecureSession | None = None  # the secure round in progress
-        # topk's error feedback: (task JSON, what earlier rounds left unsent); in memory
-        # only, so a restart drops it (the update it belonged to is long aggregated)
+        # topk's error feedback: (task JSON, what earlier rounds left unsent). In memory
+        # only: a restart drops it, i.e. the unsent part of this device's past deltas
         self._residual: tuple[str, torch.Tensor] | None = None
         self.client = make_client(
             config.connection,
