@@ -14,7 +14,8 @@ from pathlib import Path
 
 from aggregator.journal import RoundJournal
 from aggregator.strategies.base import Tensors, Update
-from broker import messages
+from broker import compression, messages
+from broker.compression_settings import NONE, Compression
 
 
 class _MatrixMixin:
@@ -40,8 +41,10 @@ class JournalUpdates(_MatrixMixin):
         template: Tensors,
         base_of: Callable[[int], Tensors],
         round_: int,
+        compressed: Compression = NONE,  # the task's [compression]: updates carry deltas
     ) -> None:
         self.journal = journal
+        self._compressed = compressed
         self.round = round_  # the round being closed (fedbuff: updates may be older)
         self.template = template
         self._base_of = base_of
@@ -55,12 +58,16 @@ class JournalUpdates(_MatrixMixin):
         for device, payload in self.journal.accepted(by_device=True):
             update = messages.decode_update(payload, max_payload=len(payload))  # checked before
             self._seen[device] = (update.num_samples, update.metrics, update.round)
+            base = self._base_of(update.round)
+            tensors = update.tensors
+            if self._compressed.active:  # checked at admission, decoded again from the base
+                tensors = compression.decode(tensors, self._compressed, base)
             yield Update(
                 device=device,
                 num_samples=update.num_samples,
-                tensors=update.tensors,
+                tensors=tensors,
                 round=update.round,
-                base=self._base_of(update.round),
+                base=base,
                 metrics=update.metrics,
             )
 

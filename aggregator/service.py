@@ -40,7 +40,7 @@ from aggregator.round_updates import JournalUpdates, ListUpdates
 from aggregator.secure_round import SecureFailure, SecureRound
 from aggregator.secure_settings import secure_settings
 from aggregator.strategies.base import RoundPlan, Strategy, Update
-from broker import codec, messages, signals, zoo
+from broker import codec, compression, compression_settings, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import CodecError, ConfigError, FedmqError
 from broker.retained import read_retained
@@ -281,6 +281,7 @@ class Aggregator:
             )
         self.task = self.spec.task
         self._task_json = self.task.to_json()
+        self.compressed = compression_settings.parse(self.task.compression)  # checked on load
         self._model_hashes: dict[int, str] = {}  # round -> hash of the model it trained from
         self._bases: dict[int, dict] = {}  # round -> that model (fedbuff's stale updates)
         self.schema = codec.schema_of(self.weights)
@@ -733,6 +734,7 @@ class Aggregator:
                 schema=self.schema,
                 max_payload=self.config.max_payload,
                 max_samples=self.config.max_samples,
+                compression=self.compressed,
             )
             verdict = rounds.admit(
                 topic_device=topic_device or "",
@@ -750,6 +752,10 @@ class Aggregator:
             if verdict.reason != "wrong_device" and self.config.verify_update is not None:
                 # before any accounting: an unsigned or forged copy is nobody's report
                 self.config.verify_update(update.device_id, update.tensors, update.metadata)
+            if verdict.outcome == rounds.ACCEPTED and self.compressed.active:
+                # a delta finite on its own may not be on its base: refuse it now, not later
+                base = self._base_of(update.round)
+                compression.finite(compression.decode(update.tensors, self.compressed, base))
             checked = True
         except CodecError as exc:
             verdict = rounds.Verdict(rounds.REJECTED, exc.reason)
@@ -1001,7 +1007,9 @@ class Aggregator:
         if current.secure is not None:
             result = aggregate_secure(self.strategy, self.weights, current.secure)
         else:
-            updates = JournalUpdates(current.journal, self.weights, self._base_of, current.number)
+            updates = JournalUpdates(
+                current.journal, self.weights, self._base_of, current.number, self.compressed
+            )
             result = aggregate_round(self.strategy, self.weights, updates)
         self.weights = result.weights
         counts = current.journal.counts()

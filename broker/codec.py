@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -99,12 +99,15 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> 
 def decode(
     payload: bytes,
     *,
-    schema: Schema | None = None,
+    schema: Schema | Callable[[dict[str, str]], Schema] | None = None,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     max_header: int = DEFAULT_MAX_HEADER,
     require_finite: bool = True,
 ) -> Payload:
-    """Parse and validate a payload; raise ``CodecError`` with a specific reason."""
+    """Parse and validate a payload; raise ``CodecError`` with a specific reason.
+
+    ``schema`` may be a function of the payload's metadata (which it may refuse), for
+    payloads whose tensors depend on it (compressed updates: broker/compression.py)."""
     size = len(payload)
     if size > max_payload:
         raise CodecError(f"payload is {size} bytes, limit is {max_payload}", reason="oversize")
@@ -138,6 +141,8 @@ def decode(
     metadata = _read_metadata(header.pop("__metadata__", None))
     data = memoryview(payload)[8 + header_len :]
     entries = _read_entries(header, len(data))
+    if callable(schema):
+        schema = schema(metadata)
     if schema is not None:
         _check_schema(entries, schema)
 

@@ -26,11 +26,16 @@
     run_id       copied from the model it was trained from
     metrics      JSON object of finite numbers (train_loss, eval_loss, eval_accuracy, ...),
                  at most MAX_METRICS names of at most MAX_METRIC_NAME characters
+    encoding     how the tensors are compressed (only with the task's [compression]):
+                 ``Compression.label``, e.g. "int8/channel" or "topk/0.01"
     signature    Ed25519 signature of the device (optional, see broker/signing.py)
 
-An update carries the device's full locally trained weights (not a delta).
-The signature covers every metadata key but itself, so it binds the update to
-its federation and run: the aggregator refuses one from elsewhere (``wrong_run``).
+An update carries the device's full locally trained weights (not a delta), unless
+the task has a ``[compression]`` table: then it carries the delta from the model it
+trained from, encoded as broker/compression.py says, and must name that encoding.
+The signature covers the tensors as sent, and every metadata key but itself, so it
+binds the update to its federation and run: the aggregator refuses one from
+elsewhere (``wrong_run``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from dataclasses import dataclass, field
 import torch
 
 from broker.codec import Payload, Schema, content_digest, decode, encode
+from broker.compression import check as check_compressed
+from broker.compression import wire_schema as compressed_schema
+from broker.compression_settings import Compression
 from broker.errors import CodecError
 from broker.secagg.plan import SecurePlan, parse_secure_plan
 from broker.task import TaskSpec
@@ -100,6 +108,7 @@ class UpdateMessage:
     metadata: dict[str, str]
     federation: str = ""  # "" when the sender left it out: the aggregator refuses that
     run_id: str = ""
+    encoding: str = ""  # "": full weights; else compressed (``compression.decode``)
 
 
 def encode_model(
@@ -219,6 +228,7 @@ def update_metadata(
     metrics: Mapping[str, float],
     federation: str = "",
     run_id: str = "",
+    encoding: str = "",
 ) -> dict[str, str]:
     meta = {
         "format": FORMAT,
@@ -230,6 +240,8 @@ def update_metadata(
     }
     if federation or run_id:
         meta |= {"federation": federation, "run_id": run_id}
+    if encoding:
+        meta["encoding"] = encoding
     return meta
 
 
@@ -238,9 +250,27 @@ def decode_update(
     *,
     schema: Schema | None = None,
     max_samples: int = DEFAULT_MAX_SAMPLES,
+    compression: Compression | None = None,
     **limits,
 ) -> UpdateMessage:
-    p: Payload = decode(payload, schema=schema, **limits)
+    """With ``schema`` (the model's), the update must be encoded as ``compression`` says
+    (None: plain weights): its tensors are checked against the schema that implies."""
+    settings = compression if compression is not None and compression.active else None
+
+    def wire_schema(meta: dict[str, str]) -> Schema:
+        assert schema is not None
+        sent, expected = meta.get("encoding", ""), settings.label if settings else ""
+        if sent != expected:
+            raise CodecError(
+                f"update is encoded as {sent or 'plain weights'!r}, the task asks for "
+                f"{expected or 'plain weights'!r}",
+                reason="bad_metadata",
+            )
+        return schema if settings is None else compressed_schema(schema, settings)
+
+    p: Payload = decode(payload, schema=None if schema is None else wire_schema, **limits)
+    if settings is not None and schema is not None:
+        check_compressed(p.tensors, settings, schema)
     meta = p.metadata
     metrics = parse_metrics(meta)
     return UpdateMessage(
@@ -253,6 +283,7 @@ def decode_update(
         metadata=meta,
         federation=meta.get("federation", ""),
         run_id=meta.get("run_id", ""),
+        encoding=meta.get("encoding", ""),
     )
 
 

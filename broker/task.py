@@ -36,9 +36,14 @@ refuses any other, before importing anything::
     [secure_aggregation]           # optional; SecAgg+: the aggregator sees only the sum
     clip_range = 1.0               # each coordinate of a weighted update, clipped to +-this
 
+    [compression]                  # optional; how devices encode their updates (see
+    encoding = "int8"              # broker/compression.py): "fp16" | "int8" | "topk"
+    per_channel = false            # int8: true = a scale per row; topk: fraction = 0.01
+
 The ``[strategy]``, ``[privacy]`` and ``[secure_aggregation]`` tables are kept as
 written here and validated by the aggregator (``aggregator.strategies.build``), which
-knows their parameters.
+knows their parameters. ``[compression]`` is kept as written too, but checked here
+(``broker.compression_settings``): the devices need it as much as the aggregator.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker import compression_settings
 from broker.errors import TaskError
 
 if sys.version_info >= (3, 11):
@@ -58,7 +64,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 OPTIMIZERS = ("sgd", "adam")
-OPTIONAL_TABLES = ("strategy", "privacy", "secure_aggregation")  # left out of JSON when empty
+OPTIONAL_TABLES = (
+    "strategy",
+    "privacy",
+    "secure_aggregation",
+    "compression",
+)  # left out of JSON when empty
 LOSSES = ("mse", "mse_sum", "cross_entropy")
 
 
@@ -97,6 +108,8 @@ class TaskSpec:
     privacy: dict[str, Any] = field(default_factory=dict)  # the [privacy] table; {}: none
     # the [secure_aggregation] table; {}: updates are sent in the clear (signed)
     secure_aggregation: dict[str, Any] = field(default_factory=dict)
+    # the [compression] table; {}: updates travel as full float weights
+    compression: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Canonical JSON: the same task always gives the same string (and model hash)."""
@@ -172,7 +185,7 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
     if not isinstance(strategy, dict) or not isinstance(strategy.get("name", ""), str):
         raise TaskError('[strategy] must be a table with name = "<strategy>"')
     tables = {"strategy": strategy}
-    for name in ("privacy", "secure_aggregation"):
+    for name in ("privacy", "secure_aggregation", "compression"):
         tables[name] = raw.get(name, {})
         if not isinstance(tables[name], dict):
             raise TaskError(f"[{name}] must be a table")
@@ -183,6 +196,10 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
             json.dumps(table, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise TaskError(f"[{name}] values must be plain numbers and strings: {exc}") from None
+    compression_settings.parse(tables["compression"])
+    compression_settings.check_with_secure_aggregation(
+        tables["compression"], tables["secure_aggregation"]
+    )
     return TaskSpec(
         model=ModelSpec(arch=model["arch"], args=args),
         train=train,
@@ -191,6 +208,7 @@ def from_dict(raw: dict[str, Any]) -> TaskSpec:
         strategy=strategy,
         privacy=tables["privacy"],
         secure_aggregation=tables["secure_aggregation"],
+        compression=tables["compression"],
     )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import torch
 
-from broker import codec, messages, signals, zoo
+from broker import codec, compression, compression_settings, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import BrokerError, CodecError, ConfigError, DataError, TaskError
 from broker.secagg import wire as secagg_wire
@@ -83,6 +83,9 @@ class Agent:
         self._deferred: tuple[messages.ModelMessage, TrainingHooks, str] | None = None
         self._recheck_at = 0.0
         self._secure: _SecureSession | None = None  # the secure round in progress
+        # topk's error feedback: (task JSON, what earlier rounds left unsent). In memory
+        # only: a restart drops it, i.e. the unsent part of this device's past deltas
+        self._residual: tuple[str, torch.Tensor] | None = None
         self.client = make_client(
             config.connection,
             client_id=f"fedmq-device-{config.federation}-{config.device_id}",
@@ -356,8 +359,9 @@ class Agent:
             federation=msg.federation,
             run_id=msg.run_id,
         )
+        tensors = self._compressed(msg, tensors, meta)
         if cfg.sign is not None:
-            meta["signature"] = cfg.sign(tensors, meta)
+            meta["signature"] = cfg.sign(tensors, meta)  # over the tensors as sent
         payload = codec.encode(tensors, meta)
         self._last_update = (msg.model_hash, payload)
         # QoS 1: if the link is down, paho keeps it and sends it after reconnecting
@@ -371,6 +375,25 @@ class Agent:
             len(payload),
         )
         self.on_event("trained", {"round": msg.round, "metrics": metrics, "mid": info.mid})
+
+    def _compressed(self, msg: messages.ModelMessage, tensors: dict, meta: dict) -> dict:
+        """The tensors to send under the task's [compression] (broker/compression.py):
+        the delta from the round's model, encoded; ``meta`` gets the ``encoding``."""
+        settings = compression_settings.parse(msg.task.compression)
+        if not settings.active:
+            return tensors
+        residual = None
+        if self._residual is not None and self._residual[0] == msg.task_json:
+            residual = self._residual[1]
+        generator = torch.Generator().manual_seed(
+            training_seed(msg.task.seed, msg.round, self.config.device_id) ^ 0x5EED
+        )
+        wire, residual = compression.encode(
+            tensors, msg.tensors, settings, generator=generator, residual=residual
+        )
+        self._residual = None if residual is None else (msg.task_json, residual)
+        meta["encoding"] = settings.label
+        return wire
 
     # -- secure aggregation (device_agent/secure_client.py) ------------------------------
     def _start_secure(self, msg: messages.ModelMessage, hooks: TrainingHooks) -> bool:

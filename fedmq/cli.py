@@ -705,6 +705,21 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_
     help="SecAgg+: the devices mask their updates so that the aggregator and the broker "
     "see only their sum (the [secure_aggregation] table of the task).",
 )
+@click.option(
+    "--compression",
+    type=click.Choice(["fp16", "int8", "int8-channel", "topk"]),
+    default=None,
+    help="The devices send their deltas compressed (the [compression] table of the task): "
+    "fp16, int8 with one scale per tensor or per channel (stochastic rounding), or topk "
+    "(each tensor's largest coordinates, the rest kept for later rounds).",
+)
+@click.option(
+    "--topk-fraction",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    metavar="F",
+    default=None,
+    help="With --compression topk: the share of each tensor's coordinates sent. [default: 0.01]",
+)
 @fedmq_errors
 def demo(
     devices: int | None,
@@ -719,6 +734,8 @@ def demo(
     dp_noise: float | None,
     dp_clip: float | None,
     secure: bool,
+    compression: str | None,
+    topk_fraction: float | None,
 ) -> None:
     """Federated learning on real smartwatch data, on this machine, end to end.
 
@@ -753,6 +770,13 @@ def demo(
     privacy = None
     if dp_noise is not None:
         privacy = {"noise_multiplier": dp_noise, "clip_norm": dp_clip or 1.0, "delta": 1e-5}
+    if topk_fraction is not None and compression != "topk":
+        raise click.UsageError("--topk-fraction needs --compression topk")
+    if compression and secure:
+        raise click.UsageError(
+            "--compression and --secure-aggregation do not combine: secure aggregation "
+            "quantizes the updates itself, inside its masks"
+        )
     run_demo(
         devices=devices,
         rounds=rounds,
@@ -762,7 +786,19 @@ def demo(
         privacy=privacy,
         attack=plan,
         secure={"enabled": True} if secure else None,
+        compression=compression_table(compression, topk_fraction),
     )
+
+
+def compression_table(choice: str | None, fraction: float | None) -> dict | None:
+    """The demo's [compression] table for ``--compression`` (and ``--topk-fraction``)."""
+    if choice is None:
+        return None
+    if choice == "topk":
+        return {"encoding": "topk", "fraction": fraction or 0.01}
+    if choice.startswith("int8"):
+        return {"encoding": "int8", "per_channel": choice == "int8-channel"}
+    return {"encoding": choice}
 
 
 @main.command()

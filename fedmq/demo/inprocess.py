@@ -120,9 +120,12 @@ def run(
     attack: AttackPlan | None = None,
     cache: TrainingCache | None = None,
     on_round: Callable[[int, float], None] | None = None,
+    transport: Callable[[str, int, Tensors, Tensors], Tensors] | None = None,
 ) -> RunResult:
     """``rounds`` rounds of ``sim.task`` (its ``[strategy]``), attacked by ``attack``'s
-    devices (indices into ``sim.devices``); the held-out accuracy after each round."""
+    devices (indices into ``sim.devices``); the held-out accuracy after each round.
+    ``transport(device, round, global weights, sent weights)`` gives the weights the
+    aggregator receives (e.g. through a compressed update: scripts/compression_table.py)."""
     from aggregator.round_updates import ListUpdates
     from aggregator.strategies import Update, build
 
@@ -155,6 +158,8 @@ def run(
             tensors, samples, loss = cache.get(key, train)
             if device.name in attackers:
                 tensors = attackers[device.name](weights, tensors)
+            if transport is not None:
+                tensors = transport(device.name, round_, weights, tensors)
             if not all(torch.isfinite(t).all() for t in tensors.values()):
                 result.stopped = f"round {round_}: {device.name} sent non-finite weights"
                 break

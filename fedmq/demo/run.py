@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aggregator.service import Aggregator
-from broker import zoo
+from broker import compression_settings, zoo
 from broker.errors import FedmqError
 from broker.task import TaskSpec
 from fedmq.demo.attacks import AttackPlan
@@ -56,6 +56,8 @@ class DemoResult:
     privacy: dict | None = None  # the last round's (epsilon, delta) report, with DP
     secure: dict | None = None  # the last round's secure aggregation report
     plain_accuracy: float | None = None  # plain FedAvg on the same data, beside DP/secure
+    encoding: str = ""  # the [compression]'s label ("": plain float weights)
+    bytes_per_update: float = 0.0  # mean over the rounds of metrics.jsonl's update_bytes / devices
 
     @property
     def gap_points(self) -> float:
@@ -74,10 +76,15 @@ def run_demo(
     attack: AttackPlan | None = None,
     centralized: bool = True,
     secure: dict | None = None,
+    compression: dict | None = None,
+    plain_beside: bool = True,
+    deadline: float = 120,
 ) -> DemoResult:
     """The whole demo; ``strategy`` is the task's ``[strategy]`` table (None: FedAvg) and
     ``attack`` says which devices (indices) poison their updates, and how.
-    ``centralized=False`` skips the centralised baseline (its accuracy is then NaN)."""
+    ``centralized=False`` skips the centralised baseline (its accuracy is then NaN);
+    ``plain_beside=False`` skips plain FedAvg in one process beside DP, secure aggregation
+    or compression. ``deadline``: seconds a round waits for every device."""
     from aggregator.strategies import build
     from fedmq.demo import watch_data
 
@@ -109,12 +116,16 @@ def run_demo(
             strategy=strategy,
             privacy=privacy,
             secure=secure,
+            compression=compression,
         )
     names = [f"watch-{k}" for k in range(devices)]
     attackers = tuple(names[k] for k in attack.attackers) if attack else ()
     _show_split(console, data, attackers)
     task = TaskSpec.load(data.task_path)
     console.print(f"strategy: {described} (\\[strategy] in {data.task_path})")
+    encoding = compression_settings.parse(task.compression).label
+    if encoding:
+        console.print(f"compression: devices send their deltas as {encoding} (\\[compression])")
     if attack is not None:
         console.print(
             f"[bold red]attack[/]: {len(attackers)} of {devices} devices "
@@ -135,7 +146,7 @@ def run_demo(
                 extra += ["--attack", attack.kind, "--attack-scale", repr(attack.scale)]
             fed.spawn_agent(name, path, *extra, log=logs / f"{name}.log")
         config = fed.aggregator_config(
-            run_dir, task, rounds=rounds, min_devices=devices, deadline=120, on_short="stop"
+            run_dir, task, rounds=rounds, min_devices=devices, deadline=deadline, on_short="stop"
         )
         aggregator = Aggregator(config)
         failure = _watch_agents(fed, names, logs, aggregator)
@@ -166,13 +177,17 @@ def run_demo(
         _plot_with_held_out(run_dir, task, X_test, y_test, central_acc, title)
 
     plain = None
-    if privacy or secure:  # what the privacy costs: plain FedAvg on the same data and rounds
+    if plain_beside and (
+        privacy or secure or compression
+    ):  # what it costs: plain FedAvg, same data and rounds
         from fedmq.demo import inprocess
 
         with console.status("running plain FedAvg on the same data, in one process..."):
             sim = inprocess.Simulation.from_demo(data).with_strategy(strategy)
             plain = inprocess.run(sim, rounds=rounds).final
-    last = (aggregator.run_dir.metrics() or [{}])[-1]
+    rows = aggregator.run_dir.metrics()
+    last = (rows or [{}])[-1]
+    sizes = [r["update_bytes"] / r["devices"] for r in rows if r.get("devices")]
 
     result = DemoResult(
         run_dir,
@@ -186,6 +201,8 @@ def run_demo(
         privacy=last.get("privacy"),
         secure=last.get("secure_aggregation"),
         plain_accuracy=plain,
+        encoding=encoding,
+        bytes_per_update=sum(sizes) / len(sizes) if sizes else 0.0,
     )
     _show_result(console, result, data)
     return result
@@ -304,6 +321,10 @@ def _show_result(console: Console, result: DemoResult, data) -> None:
             f"{len(s['dropped'])} dropped in the last round); unmasking took "
             f"{s['unmask_compute_seconds']:.3f}s"
         )
+    console.print(
+        f"updates: {result.bytes_per_update:,.0f} bytes each on average"
+        f" ({result.encoding or 'float32 weights'})"
+    )
     console.print(
         f"gap: {result.gap_points:+.1f} points; {result.seconds:.0f}s in all; "
         f"run directory: {result.run_dir} (checkpoints/, metrics.jsonl, metrics.png, logs/)"

@@ -301,10 +301,11 @@ def demo_task(
     strategy: Mapping[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
     secure: Mapping[str, Any] | None = None,
+    compression: Mapping[str, Any] | None = None,
 ) -> TaskSpec:
     """The demo's task: a small 1-D CNN over (6, window) windows, 7 exercises; ``strategy``
     is its ``[strategy]`` table (None: none, FedAvg), ``privacy`` its ``[privacy]``,
-    ``secure`` its ``[secure_aggregation]``."""
+    ``secure`` its ``[secure_aggregation]``, ``compression`` its ``[compression]``."""
     return TaskSpec(
         model=ModelSpec(
             arch="cnn1d",
@@ -320,6 +321,7 @@ def demo_task(
         strategy=dict(strategy or {}),
         privacy=dict(privacy or {}),
         secure_aggregation=dict(secure or {}),
+        compression=dict(compression or {}),
     )
 
 
@@ -364,6 +366,8 @@ def task_toml(task: TaskSpec) -> str:
     if task.secure_aggregation:
         table = task.secure_aggregation
         lines += ["[secure_aggregation]", *(f"{k} = {value(v)}" for k, v in table.items()), ""]
+    if task.compression:
+        lines += ["[compression]", *(f"{k} = {value(v)}" for k, v in task.compression.items()), ""]
     return "\n".join(lines)
 
 
@@ -381,6 +385,7 @@ def prepare(
     strategy: Mapping[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
     secure: Mapping[str, Any] | None = None,
+    compression: Mapping[str, Any] | None = None,
 ) -> DemoData:
     """Write ``device-<k>.npz`` (k = 0 .. devices-1), ``test.npz``, ``task.toml``, ``split.json``.
 
@@ -447,7 +452,9 @@ def prepare(
     test_file = out / "test.npz"
     _save(test_file, test_x, test_y)
     task_path = out / "task.toml"
-    _write_text(task_path, task_toml(demo_task(seed, train, strategy, privacy, secure)))
+    _write_text(
+        task_path, task_toml(demo_task(seed, train, strategy, privacy, secure, compression))
+    )
 
     data = DemoData(
         out_dir=out,
