@@ -372,9 +372,15 @@ class Aggregator:
             self.run_dir.unlock()
 
     def _leave(self) -> None:
-        """Whatever ended the run: plot, last state, presence offline, disconnect."""
-        if self.config.plot and self.phase != "done":
-            self._plot()  # stopped, interrupted or failed: the plot of what was done
+        """Whatever ended the run: last state, presence offline, disconnect, then the plots
+        (seconds of matplotlib that nobody waiting for the final model should wait for)."""
+        try:
+            self._say_goodbye()
+        finally:
+            if self.config.plot:
+                self._plot()  # done, stopped, interrupted or failed: the plot of what was done
+
+    def _say_goodbye(self) -> None:
         if self.phase not in ("done", "stopped"):
             failed = self._watch.fatal is not None or self._superseded is not None
             self.phase = "failed" if failed else "stopped"
@@ -1062,9 +1068,7 @@ class Aggregator:
                 self.config.final_publish_timeout,
                 self.run_dir.checkpoint_path(self.spec.rounds),
             )
-        if self.config.plot:
-            self._plot()
-        self.on_event("done", {"rounds": self.spec.rounds})
+        self.on_event("done", {"rounds": self.spec.rounds})  # plots: in _leave, after the state
 
     def _publish(self, topic: str, payload: bytes, timeout: float) -> bool:
         """Publish retained and wait for the broker's ack, across reconnects; never raises."""
