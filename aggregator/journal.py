@@ -11,7 +11,7 @@
   aggregator can fold them again.
 
 Writes are buffered and made durable together by ``commit()`` (group commit:
-one pair of fsyncs for every update that arrived meanwhile); the service acks
+one concurrent pair of fsyncs for every update that arrived meanwhile); the service acks
 updates to the broker only after ``commit()``. On open, a torn last line is cut
 and an accepted line whose payload is not wholly on disk (or does not match its
 digest) is dropped: that update was never acknowledged, so the broker delivers
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from aggregator.durable import atomic_write, fsync_dir, read_lines, repair_tail
+from aggregator.durable import atomic_write, fsync_all, fsync_dir, read_lines, repair_tail
 
 
 def payload_digest(payload: bytes) -> str:
@@ -164,12 +163,14 @@ class RoundJournal:
         )
 
     def commit(self) -> None:
-        """Make every record so far durable: payloads first, then the lines naming them."""
+        """Make every record so far durable: payloads and lines in one concurrent wait for
+        the disk. Their order does not matter: on open, an accepted line whose payload is
+        not wholly on disk (or does not match its digest) is dropped, and it was not acked."""
         if not self._dirty:
             return
         for fh in (self._blobs, self._lines):
             fh.flush()
-            os.fsync(fh.fileno())
+        fsync_all([self._blobs.fileno(), self._lines.fileno()])
         self._dirty = False
 
     def close(self) -> None:
