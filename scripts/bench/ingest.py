@@ -142,12 +142,30 @@ def fedmq_ingest(
     seconds = time.perf_counter() - start
     proc.terminate()  # closing the round and drawing its plots is not ingest
     proc.wait(60)
+    forget_session(fed)
     if errors:
         raise RuntimeError(f"publishing failed: {errors[:3]}")
     outcomes = [json.loads(line)["outcome"] for line in seen[0].decode().splitlines()]
     if outcomes != ["accepted"] * len(jobs):
         raise RuntimeError(f"not every update was accepted: {sorted(set(outcomes))}")
     return seconds, len(jobs[0][2])
+
+
+def forget_session(fed: LocalFederation) -> None:
+    """End the aggregator's persistent session, or the broker keeps queueing this size's
+    updates (the ceiling's too) for it and the next size's aggregator gets them."""
+    settings = fed.settings(AGGREGATOR)
+    client = make_client(settings, f"fedmq-aggregator-{fed.name}", persistent=False)
+    done = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: done.set()
+    connect_async(client, settings, persistent=False)
+    client.loop_start()
+    try:
+        if not done.wait(10):
+            raise RuntimeError("could not end the aggregator's session")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def measure(work: Path, sizes: list[float], devices: int, concurrency: int, updates: int):
