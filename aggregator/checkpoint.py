@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from aggregator.durable import append_line, atomic_write, read_lines, repair_tail
+from aggregator.durable import atomic_write, read_lines, repair_tail, write_together
 from broker import codec
 from broker.errors import ConfigError, FedmqError
 from broker.task import TaskSpec
@@ -163,15 +163,19 @@ class RunDir:
         """Persist round ``completed_round``: checkpoint and strategy state, metrics lines,
         then state.json (which makes them the run's)."""
         path = self.checkpoint_path(completed_round)
-        atomic_write(path, codec.encode(tensors, {"round": str(completed_round)}))
+        replace = {path: codec.encode(tensors, {"round": str(completed_round)})}
         if strategy_state:
             meta = {"round": str(completed_round)}
-            atomic_write(self.strategy_path(completed_round), codec.encode(strategy_state, meta))
+            replace[self.strategy_path(completed_round)] = codec.encode(strategy_state, meta)
+        append = {}
         if device_rows:
             text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in device_rows)
-            append_line(self.devices_jsonl, text.rstrip("\n"))
+            append[self.devices_jsonl] = text.rstrip("\n")
         if metrics is not None:
-            append_line(self.metrics_jsonl, json.dumps(metrics, sort_keys=True))
+            append[self.metrics_jsonl] = json.dumps(metrics, sort_keys=True)
+        # all of these durable in one wait for the disk, then state.json, which makes them
+        # the run's (a crash before it: the lines are dropped on resume, the files unused)
+        write_together(replace, append)
         state.completed_round = completed_round
         state.checkpoint = str(path.relative_to(self.path))
         atomic_write(self.state_json, json.dumps(asdict(state), indent=2).encode())

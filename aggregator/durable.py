@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+# fsyncs waited for together: the disk commits them in one go (a journaling file system
+# joins concurrent fsyncs into one commit), where one after another costs one commit each
+_SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmq-fsync")
 
 
 def fsync_dir(path: Path) -> None:
@@ -33,6 +38,48 @@ def append_line(path: Path, line: str) -> None:
         fh.write(line.rstrip("\n") + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def fsync_all(fds: list[int]) -> None:
+    """fsync every descriptor, concurrently; raises the first OSError."""
+    if len(fds) == 1:
+        os.fsync(fds[0])
+    elif fds:
+        list(_SYNCS.map(os.fsync, fds))
+
+
+def write_together(replace: dict[Path, bytes], append: dict[Path, str]) -> None:
+    """Replace files atomically and append lines to others, with one concurrent wait for
+    the disk: every file's data durable, then the renames, then each directory durable.
+    A crash leaves each replaced file old or new and each appended file with its new line
+    whole, or torn (cut on read) or absent; the caller orders what depends on this."""
+    handles = []
+    try:
+        for path, data in replace.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path.with_name(f".{path.name}.tmp"), "wb")  # noqa: SIM115
+            handles.append(fh)
+            fh.write(data)
+        for path, line in append.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            handles.append(fh)
+            fh.write(line.rstrip("\n") + "\n")
+        for fh in handles:
+            fh.flush()
+        fsync_all([fh.fileno() for fh in handles])
+    finally:
+        for fh in handles:
+            fh.close()
+    for path in replace:
+        os.replace(path.with_name(f".{path.name}.tmp"), path)
+    directories = {path.parent for path in replace}
+    fds = [os.open(d, os.O_RDONLY) for d in directories]
+    try:
+        fsync_all(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def repair_tail(path: Path) -> None:

@@ -11,7 +11,7 @@
   aggregator can fold them again.
 
 Writes are buffered and made durable together by ``commit()`` (group commit:
-one pair of fsyncs for every update that arrived meanwhile); the service acks
+one concurrent pair of fsyncs for every update that arrived meanwhile); the service acks
 updates to the broker only after ``commit()``. On open, a torn last line is cut
 and an accepted line whose payload is not wholly on disk (or does not match its
 digest) is dropped: that update was never acknowledged, so the broker delivers
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from aggregator.durable import atomic_write, fsync_dir, read_lines, repair_tail
+from aggregator.durable import atomic_write, fsync_all, fsync_dir, read_lines, repair_tail
 
 
 def payload_digest(payload: bytes) -> str:
@@ -42,6 +41,7 @@ class RoundJournal:
         self._entries: list[dict] = []
         self._accepted: dict[str, dict] = {}  # device -> its accepted entry
         self._per_device: Counter = Counter()  # lines written for each (topic) device
+        self._reporters: set[str] = set()  # devices whose signed report is in
         self._lines = None  # open file handles, made on the first write
         self._blobs = None
         self._blob_size = 0
@@ -87,9 +87,18 @@ class RoundJournal:
     def accepted_devices(self) -> list[str]:
         return list(self._accepted)
 
+    def accepted_count(self) -> int:
+        return len(self._accepted)
+
+    def accepted_view(self) -> Collection[str]:
+        """The devices with an accepted update, as a live read-only view: ``device in it``
+        costs O(1), where ``accepted_devices()`` copies (the loop asks for every update)."""
+        return self._accepted.keys()
+
     def reporters(self) -> set[str]:
-        """Devices whose signed report for this round is in (accepted, duplicate, refused)."""
-        return {e["device"] for e in self._entries if e["device"] and e.get("reports")}
+        """Devices whose signed report for this round is in (accepted, duplicate, refused);
+        kept up to date as lines are written: do not modify it."""
+        return self._reporters
 
     def accepted_bytes(self) -> int:
         """Bytes of the accepted payloads (what the round's updates cost on the wire)."""
@@ -154,12 +163,14 @@ class RoundJournal:
         )
 
     def commit(self) -> None:
-        """Make every record so far durable: payloads first, then the lines naming them."""
+        """Make every record so far durable: payloads and lines in one concurrent wait for
+        the disk. Their order does not matter: on open, an accepted line whose payload is
+        not wholly on disk (or does not match its digest) is dropped, and it was not acked."""
         if not self._dirty:
             return
         for fh in (self._blobs, self._lines):
             fh.flush()
-            os.fsync(fh.fileno())
+        fsync_all([self._blobs.fileno(), self._lines.fileno()])
         self._dirty = False
 
     def close(self) -> None:
@@ -196,6 +207,8 @@ class RoundJournal:
         self._per_device[entry.get("device")] += 1
         if entry["outcome"] == "accepted":
             self._accepted[entry["device"]] = entry
+        if entry.get("device") and entry.get("reports"):
+            self._reporters.add(entry["device"])
 
     def _payload_ok(self, entry: dict, blob_size: int) -> bool:
         offset, size = entry.get("offset"), entry.get("size")

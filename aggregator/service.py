@@ -56,6 +56,10 @@ RECONNECT_GRACE = 30.0  # seconds a device whose "offline" came with a broker re
 # updates the broker may send before we ack: bounds the payloads held in memory (and a batch)
 RECEIVE_MAXIMUM = 64
 INBOX_BYTES = 256 * 1024 * 1024  # payload bytes waiting in memory, whatever their number
+# ... and no more than about one model's worth (memory during a round: a few models over
+# the idle process, whatever the number of devices), but room for a full batch of small
+# updates (64 of the 4,810-parameter MLP's are 1.3 MB): see inbox_budget
+INBOX_FLOOR = 4 * 1024 * 1024
 MAX_RECORDS_PER_DEVICE = 32  # journal lines one device may cause per round; the rest: "flood"
 MAX_TRACKED_DEVICES = 100_000  # device statuses kept; more ids are refused "too_many_devices"
 CONNECT_TIMEOUT = 30.0  # seconds to reach the broker at start-up before giving up
@@ -112,7 +116,7 @@ class _Round:
     def accepted(self) -> int:
         if self.secure is not None:
             return len(self.secure.metrics)  # masked inputs summed
-        return len(self.journal.accepted_devices())
+        return self.journal.accepted_count()
 
     @property
     def phase(self) -> Phase:
@@ -285,6 +289,7 @@ class Aggregator:
         self._model_hashes: dict[int, str] = {}  # round -> hash of the model it trained from
         self._bases: dict[int, dict] = {}  # round -> that model (fedbuff's stale updates)
         self.schema = codec.schema_of(self.weights)
+        self._inbox.max_bytes = inbox_budget(config.inbox_bytes, _nbytes(self.weights))
         metrics = self.run_dir.metrics()
         self._last_metrics = metrics[-1] if metrics else {}
         self.presence = signals.Presence(
@@ -383,9 +388,15 @@ class Aggregator:
             self.run_dir.unlock()
 
     def _leave(self) -> None:
-        """Whatever ended the run: plot, last state, presence offline, disconnect."""
-        if self.config.plot and self.phase != "done":
-            self._plot()  # stopped, interrupted or failed: the plot of what was done
+        """Whatever ended the run: last state, presence offline, disconnect, then the plots
+        (seconds of matplotlib that nobody waiting for the final model should wait for)."""
+        try:
+            self._say_goodbye()
+        finally:
+            if self.config.plot:
+                self._plot()  # done, stopped, interrupted or failed: the plot of what was done
+
+    def _say_goodbye(self) -> None:
         if self.phase not in ("done", "stopped"):
             failed = self._watch.fatal is not None or self._superseded is not None
             self.phase = "failed" if failed else "stopped"
@@ -743,7 +754,7 @@ class Aggregator:
                 base_hash=update.base_hash,
                 current_round=current.number,
                 current_hash=current.model_hash,
-                accepted_devices=current.journal.accepted_devices(),
+                accepted_devices=current.journal.accepted_view(),
                 binding=(update.federation, update.run_id),
                 expected_binding=(self.config.federation, self.spec.run_id),
                 selected=current.selected,
@@ -1095,9 +1106,7 @@ class Aggregator:
                 self.config.final_publish_timeout,
                 self.run_dir.checkpoint_path(self.spec.rounds),
             )
-        if self.config.plot:
-            self._plot()
-        self.on_event("done", {"rounds": self.spec.rounds})
+        self.on_event("done", {"rounds": self.spec.rounds})  # plots: in _leave, after the state
 
     def _publish(self, topic: str, payload: bytes, timeout: float) -> bool:
         """Publish retained and wait for the broker's ack, across reconnects; never raises."""
@@ -1202,6 +1211,18 @@ class Aggregator:
                 log.warning("could not publish the final state (broker unreachable)")
         self._last_state_pub = now
         self._state_dirty = False
+
+
+def inbox_budget(limit: int, model_bytes: int) -> int:
+    """Payload bytes the inbox may hold: about one model, at least INBOX_FLOOR, at most
+    ``limit``. While the loop works on one batch the inbox fills again and the network
+    thread holds one more message, so updates in memory stay near three models; the
+    rest wait at the broker (TCP pushes back), not in this process."""
+    return min(limit, max(INBOX_FLOOR, model_bytes))
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _pid_alive(pid: int) -> bool:

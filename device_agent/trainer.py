@@ -15,6 +15,7 @@ from torch import nn
 
 from broker.errors import DataError
 from broker.task import TrainSpec
+from device_agent import optimizers
 from device_agent.hooks import TrainingHooks
 
 
@@ -38,10 +39,12 @@ def loss_function(train: TrainSpec) -> nn.Module:
     }[train.loss]
 
 
-def make_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, train: TrainSpec) -> optimizers.SGD | optimizers.Adam:
+    """The task's optimizer: ``device_agent/optimizers.py``'s, which compute what
+    ``torch.optim``'s do without importing the compiler on a device."""
     if train.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=train.lr)
-    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum)
+        return optimizers.Adam(model.parameters(), lr=train.lr)
+    return optimizers.SGD(model.parameters(), lr=train.lr, momentum=train.momentum)
 
 
 def tensors_for(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker import signing
 from broker.errors import CodecError
@@ -29,22 +33,54 @@ def agent_hooks(
 def aggregator_hooks(
     signing_key: Path | None, device_keys: Path | None
 ) -> tuple[Sign | None, Callable[[str, dict, dict], None] | None]:
-    """(sign a model, verify a device's update); the device keys are read per update, so a
-    device provisioned while the aggregator runs is accepted and a removed one refused."""
+    """(sign a model, verify a device's update); a device's key file is checked for every
+    update (``DeviceKeys``), so a device provisioned while the aggregator runs is accepted
+    and a removed one refused."""
     sign_model = verify_update = None
     if signing_key:
         private = signing.load_private(signing_key)
         sign_model = lambda tensors, meta: signing.sign(private, tensors, meta)  # noqa: E731
     if device_keys:
-        keys_dir = Path(device_keys)
+        keys = DeviceKeys(Path(device_keys))
 
         def verify_update(device_id: str, tensors: dict, meta: dict) -> None:
-            key_path = keys_dir / f"{device_id}.pub"
-            if not key_path.is_file():
-                raise CodecError(f"no public key for device {device_id!r}", reason="unknown_device")
-            signing.verify(signing.load_public(key_path), tensors, meta)
+            signing.verify(keys.public(device_id), tensors, meta)
 
     return sign_model, verify_update
+
+
+class DeviceKeys:
+    """Devices' public keys, parsed once and re-read only when their file changes.
+
+    Every lookup stats the key file (a few microseconds) and reuses the parsed key while
+    its (device, inode, size, mtime) is unchanged: a device removed with ``fedmq broker
+    remove-device`` is refused from its next update on, and one provisioned again gets
+    its new key, without parsing PEM for every update."""
+
+    MAX_CACHED = 100_000  # keys kept; past this the cache starts over (bounded memory)
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._cache: dict[str, tuple[tuple[int, int, int, int], Ed25519PublicKey]] = {}
+
+    def public(self, device_id: str) -> Ed25519PublicKey:
+        path = self.directory / f"{device_id}.pub"
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # gone, or a name no file can have
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            self._cache.pop(device_id, None)
+            raise CodecError(f"no public key for device {device_id!r}", reason="unknown_device")
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._cache.get(device_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        key = signing.load_public(path)
+        if len(self._cache) >= self.MAX_CACHED:
+            self._cache.clear()
+        self._cache[device_id] = (stamp, key)
+        return key
 
 
 def agent_identity(

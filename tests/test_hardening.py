@@ -281,6 +281,28 @@ def test_plot_on_stop_and_offline_devices_are_logged(federation, tmp_path, caplo
     assert "device bob went offline" in caplog.text
 
 
+def test_plots_come_after_the_final_model_and_state(federation, tmp_path):
+    """Drawing the figures takes seconds: devices and operators must not wait for them."""
+    fed = federation(devices=["bob"])
+    agg, thread = fed.start_aggregator(tmp_path, rounds=1, min_devices=1, plot=True)
+    seen = {}
+    drawn = agg._plot
+
+    def plot_and_look() -> None:
+        seen["state"] = read_state(fed.settings("fedmq-operator"), fed.name)
+        seen["model"] = current_model(fed, "bob")
+        drawn()
+
+    agg._plot = plot_and_look
+    set_status(fed, "bob", "online")
+    bob_reports(fed)
+    assert join(thread, 60) == 0
+    assert seen["state"]["phase"] == "done" and seen["state"]["completed_rounds"] == 1
+    assert not seen["state"]["aggregator"]["running"]  # presence already offline
+    assert seen["model"].final
+    assert agg.run_dir.plot_png.stat().st_size > 0
+
+
 def test_two_aggregators_past_the_start_check_do_not_fight(federation, tmp_path):
     """Both started at once (each found no presence): they share one client id, so each
     connection takes the session from the other (mosquitto 2.0.11 closes the old socket

@@ -332,3 +332,28 @@ def test_an_offline_that_came_with_a_broker_restart_is_awaited_for_a_grace_perio
     assert after == {"a", "b", "d"}
     expired = present_devices(status, link_lost_at=100.0, relinked_at=102.0, now=132.5, **kw)
     assert expired == {"a", "d"}
+
+
+def test_journal_keeps_reporters_and_accepted_as_lines_come_and_after_reopening(tmp_path):
+    journal = RoundJournal.open(tmp_path, 1)
+    accepted = journal.accepted_view()
+    journal.record_accepted(payload_digest(b"payload"), "bob", b"payload")
+    journal.record("b" * 64, "carol", DUPLICATE, reports=True)
+    journal.record("c" * 64, "mallory", REJECTED, "bad_signature", reports=False)
+    assert "bob" in accepted and "carol" not in accepted  # the view follows the journal
+    assert journal.accepted_count() == 1
+    assert journal.reporters() == {"bob", "carol"}
+    journal.close()
+    again = RoundJournal.open(tmp_path, 1)
+    assert again.reporters() == {"bob", "carol"} and list(again.accepted_view()) == ["bob"]
+
+
+def test_inbox_budget_is_about_one_model_within_floor_and_limit():
+    from aggregator.service import INBOX_BYTES, INBOX_FLOOR, inbox_budget
+
+    assert inbox_budget(INBOX_BYTES, 19_240) == INBOX_FLOOR  # small models: a full batch
+    assert 64 * 19_872 < INBOX_FLOOR
+    assert inbox_budget(INBOX_BYTES, 4_000_000) == max(4_000_000, INBOX_FLOOR)
+    assert inbox_budget(INBOX_BYTES, 40_000_000) == 40_000_000
+    assert inbox_budget(INBOX_BYTES, 10**12) == INBOX_BYTES
+    assert inbox_budget(1_000, 40_000_000) == 1_000  # an explicit smaller limit holds

@@ -1,0 +1,71 @@
+"""Small runs of scripts/bench/costs.py and scripts/bench/ingest.py: their figures are sane.
+
+The scripts are loaded by path (``scripts/`` is not a package); the full runs are in the
+README. Timings on a shared CI machine vary: only orders of magnitude are checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serial_costs_per_update_and_per_round(tmp_path):
+    costs = _load("costs")
+    results = costs.measure(tmp_path, updates=60, round_devices=4, rounds=3, agent=False)
+    one, batched = results["per_update"]
+    assert (one["batch"], batched["batch"]) == (1, 64)
+    assert one["updates"] == batched["updates"] == 60
+    assert 15_000 < one["update_bytes"] < 25_000  # the 4,810-parameter MLP, float32
+    for u in (one, batched):
+        assert 0.01 < u["ms_per_update"] < 500
+    r = results["per_round"]
+    assert r["devices"] == 4 and r["rounds"] == 3
+    parts = r["ms_aggregate"] + r["ms_persist"] + r["ms_next_model"]
+    assert 0 < parts <= r["ms_close"] < 5_000
+    text = costs.report(results)
+    assert "ms/update" in text and "(c) closing a round of 4" in text
+
+
+def test_agent_costs_on_the_demo(tmp_path):
+    pytest.importorskip("seglearn")
+    agent_costs = _load("agent_costs")
+    a = agent_costs.agent_costs(tmp_path, timeout=120)
+    assert 0 < a["cold_connect_s"] <= a["cold_update_s"] < 120
+    assert 0 < a["cold_connect_cpu_s"] <= a["cold_update_cpu_s"]
+    assert a["dynamo_imported"] is False  # the device's optimizers keep the compiler out
+    assert 50 < a["idle_rss_mb"] <= a["train_peak_rss_mb"] < 2_000
+    assert a["plot_before_final_state"] is False  # plots come after the final state
+    assert a["plot_s"] > 0
+
+
+def test_ingest_small_run(tmp_path):
+    ingest = _load("ingest")
+    rows, serial = ingest.measure(tmp_path, [0.05], devices=4, concurrency=4, updates=20)
+    (row,) = rows
+    assert row["updates"] == 4 and 0.04 < row["update_mb"] < 0.06
+    assert row["ceiling_mb_s"] > 0 and row["fedmq_mb_s"] > 0
+    assert row["ratio"] == pytest.approx(row["fedmq_mb_s"] / row["ceiling_mb_s"])
+    assert serial["updates"] == 20 and serial["ms_per_update"] > 0
+    assert "fedmq/ceiling" in ingest.report(rows, serial)
+
+
+def test_hidden_for_sizes():
+    ingest = _load("ingest")
+    for mb in (0.1, 1, 10):
+        params = ingest.hidden_for(mb) * (64 + 1 + 8)
+        assert abs(4 * params - mb * 1e6) / (mb * 1e6) < 0.01
