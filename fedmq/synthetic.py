@@ -54,3 +54,29 @@ def blobs_task(directory: Path) -> Path:
     path = directory / "task.toml"
     path.write_text(BLOBS_TASK)
     return path
+
+
+def mlp_task(
+    hidden: list[int],
+    *,
+    out_features: int = 8,
+    batch_size: int = 32,
+    lr: float = 0.01,
+    seed: int = 0,
+) -> str:
+    """The task file of an MLP over 64 inputs, for the benchmarks: ``hidden`` sets its size
+    (and so the bytes of an update)."""
+    return f"""
+seed = {seed}
+[model]
+arch = "mlp"
+in_features = 64
+hidden = {list(hidden)}
+out_features = {out_features}
+[train]
+epochs = 1
+batch_size = {batch_size}
+lr = {lr}
+optimizer = "sgd"
+loss = "cross_entropy"
+"""

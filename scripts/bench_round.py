@@ -33,21 +33,7 @@ from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.loadgen import publish_all, signed_update
 from fedmq.local import AGGREGATOR, LocalFederation
-
-TASK = """
-seed = 0
-[model]
-arch = "mlp"
-in_features = 64
-hidden = [{hidden}, {hidden}]
-out_features = 8
-[train]
-epochs = 1
-batch_size = 32
-lr = 0.01
-optimizer = "sgd"
-loss = "cross_entropy"
-"""
+from fedmq.synthetic import mlp_task
 
 
 def rss_mb(pid: int) -> float:
@@ -142,7 +128,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-"))
     task_path = work / "task.toml"
-    task_path.write_text(TASK.format(hidden=args.hidden))
+    task_path.write_text(mlp_task([args.hidden, args.hidden]))
     task = TaskSpec.load(task_path)
     devices = [f"d{i:04d}" for i in range(args.devices)]
     print(f"provisioning {args.devices} devices...", flush=True)

@@ -38,21 +38,8 @@ from aggregator.checkpoint import RunDir
 from broker.secagg import graph
 from fedmq.local import LocalFederation
 from fedmq.secagg_fleet import FleetSpec, expected_fedavg, fleet_process
+from fedmq.synthetic import mlp_task
 
-TASK = """
-seed = 0
-[model]
-arch = "mlp"
-in_features = 64
-hidden = [{hidden}, {hidden}]
-out_features = 8
-[train]
-epochs = 1
-batch_size = 32
-lr = 0.01
-optimizer = "sgd"
-loss = "cross_entropy"
-"""
 SECURE = """
 [secure_aggregation]
 clip_range = 1.0
@@ -174,7 +161,7 @@ def run_round(fed, ctx, work: Path, args, n: int, dropout: float | None) -> dict
     extra = (
         SECURE.format(phase_deadline=args.phase_deadline, max_dropout=MAX_DROPOUT) if secure else ""
     )
-    task.write_text(TASK.format(hidden=args.hidden) + extra)
+    task.write_text(mlp_task([args.hidden, args.hidden]) + extra)
     procs = max(args.procs, -(-n // DEVICES_PER_PROCESS))
     workers, connect = start_fleets(
         ctx, fed, devices, "secure" if secure else "plain", dropped, procs

@@ -37,21 +37,7 @@ from broker.task import TaskSpec  # noqa: E402
 from broker.topics import Topics  # noqa: E402
 from fedmq.loadgen import publish_all, signed_update  # noqa: E402
 from fedmq.local import AGGREGATOR, LocalFederation  # noqa: E402
-
-TASK = """
-seed = 0
-[model]
-arch = "mlp"
-in_features = 64
-hidden = [{hidden}]
-out_features = 8
-[train]
-epochs = 1
-batch_size = 32
-lr = 0.01
-optimizer = "sgd"
-loss = "cross_entropy"
-"""
+from fedmq.synthetic import mlp_task  # noqa: E402
 
 
 def hidden_for(megabytes: float) -> int:
@@ -175,7 +161,7 @@ def measure(work: Path, sizes: list[float], devices: int, concurrency: int, upda
         for mb in sizes:
             here = work / f"{mb:g}MB"
             here.mkdir()
-            (here / "task.toml").write_text(TASK.format(hidden=hidden_for(mb)))
+            (here / "task.toml").write_text(mlp_task([hidden_for(mb)]))
             task = TaskSpec.load(here / "task.toml")
             ours, size = fedmq_ingest(fed, here, task, names, concurrency)
             # the ceiling's payloads: the same size, signed for no run (nobody checks them)

@@ -27,25 +27,12 @@ from broker.connection import ConnectionSettings
 from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.signing_hooks import aggregator_hooks
+from fedmq.synthetic import mlp_task
 
 FEDERATION = "bench"
+
+
 # the issue's workload: MLP 64-64-10, 4,810 parameters (about 19 KB an update)
-TASK = """
-seed = 0
-[model]
-arch = "mlp"
-in_features = 64
-hidden = [{hidden}]
-out_features = 10
-[train]
-epochs = 1
-batch_size = 16
-lr = 0.1
-optimizer = "sgd"
-loss = "cross_entropy"
-"""
-
-
 class Bench:
     """An unconnected aggregator and ``devices`` signing keys."""
 
@@ -62,7 +49,7 @@ class Bench:
         signing.generate_keypair(work / "aggregator.key", work / "aggregator.pub")
         sign_model, verify_update = aggregator_hooks(work / "aggregator.key", keys)
         task_path = work / "task.toml"
-        task_path.write_text(TASK.format(hidden=hidden))
+        task_path.write_text(mlp_task([hidden], out_features=10, batch_size=16, lr=0.1))
         self.topics = Topics(FEDERATION)
         self.acked: list[int] = []
         self.agg = Aggregator(
