@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -103,3 +104,42 @@ def expected_average(model: messages.ModelMessage, scales_and_weights: list[tupl
         k: (v.to(torch.float64) + shift).to(v.dtype) if v.is_floating_point() else v
         for k, v in model.tensors.items()
     }
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (``VmHWM``: its peak) in MB; 0.0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def broker_ceiling(settings, topic_filter: str, jobs: list, concurrency: int) -> float:
+    """Seconds for the broker to deliver every job to a plain QoS 1 subscriber that
+    discards them: what the broker alone can do, beside which the aggregator is measured."""
+    got = threading.Semaphore(0)
+    client = make_client(settings, "bench-ceiling-subscriber", persistent=False)
+    ready = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
+    client.on_subscribe = lambda *a: ready.set()
+    client.on_message = lambda c, u, m: got.release()
+    connect_async(client, settings, persistent=False)
+    client.loop_start()
+    try:
+        if not ready.wait(10):
+            raise RuntimeError("the ceiling subscriber could not subscribe")
+        start = time.perf_counter()
+        errors = publish_all(jobs, concurrency=concurrency)
+        for _ in jobs:
+            if not got.acquire(timeout=120):
+                raise RuntimeError("the ceiling subscriber missed updates")
+        seconds = time.perf_counter() - start
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if errors:
+        raise RuntimeError(f"publishing failed: {errors[:3]}")
+    return seconds

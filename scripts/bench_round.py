@@ -28,46 +28,11 @@ from pathlib import Path
 from aggregator.checkpoint import RunDir
 from aggregator.service import initial_weights
 from broker import messages
-from broker.connection import connect_async, make_client
 from broker.task import TaskSpec
 from broker.topics import Topics
-from fedmq.loadgen import publish_all, signed_update
+from fedmq.loadgen import broker_ceiling, memory_mb, publish_all, signed_update
 from fedmq.local import AGGREGATOR, LocalFederation
 from fedmq.synthetic import mlp_task
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def raw_broker(fed: LocalFederation, jobs, concurrency: int) -> float:
-    """Seconds for the broker to deliver every update to a plain QoS 1 subscriber."""
-    got = threading.Semaphore(0)
-    settings = fed.settings(AGGREGATOR)
-    client = make_client(settings, "bench-raw-subscriber", persistent=False)
-    ready = threading.Event()
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe(Topics(fed.name).updates_filter, qos=1)
-    client.on_subscribe = lambda *a: ready.set()
-    client.on_message = lambda c, u, m: got.release()
-    connect_async(client, settings, persistent=False)
-    client.loop_start()
-    assert ready.wait(10)
-    start = time.perf_counter()
-    errors = publish_all(jobs, concurrency=concurrency)
-    for _ in jobs:
-        assert got.acquire(timeout=60), "raw subscriber missed updates"
-    seconds = time.perf_counter() - start
-    client.disconnect()
-    client.loop_stop()
-    assert not errors, errors[:3]
-    return seconds
 
 
 def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, concurrency: int):
@@ -93,7 +58,7 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], rss_mb(proc.pid))
+            peak[0] = max(peak[0], memory_mb(proc.pid))
             if (work / "run" / "state.json").exists():
                 model_seen.set()
             time.sleep(0.05)
@@ -103,7 +68,7 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
     assert model_seen.wait(60), (work / "aggregator.log").read_text()
     run_id = json.loads((work / "run" / "run.json").read_text())["run_id"]
     jobs = make_jobs(run_id)
-    idle = rss_mb(proc.pid)
+    idle = memory_mb(proc.pid)
     start = time.perf_counter()
     errors = publish_all(jobs, concurrency=concurrency)
     assert proc.wait(600) == 0, (work / "aggregator.log").read_text()[-2000:]
@@ -155,7 +120,13 @@ def main() -> None:
             f"{args.devices} updates of {size_kb:.0f} KiB, {args.concurrency} sessions at a time",
             flush=True,
         )
-        raw = None if args.skip_raw else raw_broker(fed, jobs, args.concurrency)
+        raw = (
+            None
+            if args.skip_raw
+            else broker_ceiling(
+                fed.settings(AGGREGATOR), Topics(fed.name).updates_filter, jobs, args.concurrency
+            )
+        )
         del jobs
         ours, rss_idle, rss_peak = fedmq_round(fed, work, task_path, make_jobs, args.concurrency)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from aggregator.checkpoint import RunDir
 from broker.secagg import graph
+from fedmq.loadgen import memory_mb
 from fedmq.local import LocalFederation
 from fedmq.secagg_fleet import FleetSpec, expected_fedavg, fleet_process
 from fedmq.synthetic import mlp_task
@@ -55,17 +56,6 @@ CLK_TCK = 100
 
 
 MAX_DROPOUT = 0.3  # the [secure_aggregation] max_dropout the rounds are sized for
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -188,7 +178,7 @@ def run_round(fed, ctx, work: Path, args, n: int, dropout: float | None) -> dict
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], rss_mb(proc.pid))
+            peak[0] = max(peak[0], memory_mb(proc.pid))
             agg_cpu[0] = max(agg_cpu[0], cpu_seconds(proc.pid))
             time.sleep(0.05)
 

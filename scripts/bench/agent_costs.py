@@ -24,6 +24,7 @@ from pathlib import Path
 
 from aggregator.service import Aggregator
 from broker.task import TaskSpec
+from fedmq.loadgen import memory_mb
 from fedmq.local import LocalFederation
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -35,16 +36,6 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-
-
-def memory_mb(pid: int, field: str = "VmRSS") -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def _wait(predicate, timeout: float, what: str, proc=None) -> float:

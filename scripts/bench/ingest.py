@@ -35,7 +35,7 @@ from broker import messages  # noqa: E402
 from broker.connection import connect_async, make_client  # noqa: E402
 from broker.task import TaskSpec  # noqa: E402
 from broker.topics import Topics  # noqa: E402
-from fedmq.loadgen import publish_all, signed_update  # noqa: E402
+from fedmq.loadgen import broker_ceiling, publish_all, signed_update  # noqa: E402
 from fedmq.local import AGGREGATOR, LocalFederation  # noqa: E402
 from fedmq.synthetic import mlp_task  # noqa: E402
 
@@ -43,34 +43,6 @@ from fedmq.synthetic import mlp_task  # noqa: E402
 def hidden_for(megabytes: float) -> int:
     """MLP width whose float32 weights come to about ``megabytes`` (64 in, 8 out)."""
     return max(1, round(megabytes * 1e6 / 4 / (64 + 1 + 8)))
-
-
-def ceiling(fed: LocalFederation, jobs: list, concurrency: int) -> float:
-    """Seconds for the broker to deliver every job to a plain QoS 1 subscriber."""
-    got = threading.Semaphore(0)
-    settings = fed.settings(AGGREGATOR)
-    client = make_client(settings, "bench-ceiling-subscriber", persistent=False)
-    ready = threading.Event()
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe(Topics(fed.name).updates_filter, qos=1)
-    client.on_subscribe = lambda *a: ready.set()
-    client.on_message = lambda c, u, m: got.release()
-    connect_async(client, settings, persistent=False)
-    client.loop_start()
-    try:
-        if not ready.wait(10):
-            raise RuntimeError("the ceiling subscriber could not subscribe")
-        start = time.perf_counter()
-        errors = publish_all(jobs, concurrency=concurrency)
-        for _ in jobs:
-            if not got.acquire(timeout=120):
-                raise RuntimeError("the ceiling subscriber missed updates")
-        seconds = time.perf_counter() - start
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    if errors:
-        raise RuntimeError(f"publishing failed: {errors[:3]}")
-    return seconds
 
 
 def fedmq_ingest(
@@ -176,7 +148,9 @@ def measure(work: Path, sizes: list[float], devices: int, concurrency: int, upda
                 )
                 for d in names
             ]
-            raw = ceiling(fed, jobs, concurrency)
+            raw = broker_ceiling(
+                fed.settings(AGGREGATOR), Topics(fed.name).updates_filter, jobs, concurrency
+            )
             total_mb = size * devices / 1e6
             rows.append(
                 {
