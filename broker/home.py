@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -362,6 +363,28 @@ class BrokerHome:
             yield
 
     def _add_account(self, account: str, role: str, broker: str | None = None) -> Path:
+        path, password = self._account_files(account, role, broker)
+        accounts = self._load_accounts()
+        accounts[account] = {"role": role, "created": _now()}
+        self._save_accounts(accounts)
+        hashes = read_password_file(self.passwd_path) if self.passwd_path.exists() else {}
+        hashes[account] = hash_password(password)
+        self._write_security_files(hashes)
+        return path
+
+    def _account_files(
+        self,
+        account: str,
+        role: str,
+        broker: str | None,
+        *,
+        registry: Ed25519PrivateKey | None = None,
+        ca: CertificateAuthority | None = None,
+    ) -> tuple[Path, str]:
+        """Write one account's credentials (and a device's keys); (credentials file, password).
+
+        Leaves accounts.json and passwd alone: the caller records the account, once per
+        batch (``add_devices`` adds thousands with one write of each)."""
         password = generate_password()
         creds: dict[str, Any] = {
             "role": role,
@@ -375,7 +398,7 @@ class BrokerHome:
         if self.tls:
             creds["ca_file"] = "ca.crt"
         if self.client_certs:
-            ca = CertificateAuthority.load(self.path / "pki/ca.key", self.ca_path)
+            ca = ca or CertificateAuthority.load(self.path / "pki/ca.key", self.ca_path)
             key, crt = (self.credentials_dir / f"{account}{ext}" for ext in (".key", ".crt"))
             ca.issue_client(account, key, crt)
             creds["cert_file"], creds["key_file"] = f"{account}.crt", f"{account}.key"
@@ -385,21 +408,15 @@ class BrokerHome:
             )
             creds["signing_key"] = f"{account}.ed25519"
             creds["model_key"] = "aggregator.pub"
-            cert = identity.certify(self._registry(), self.federation, account, key.public_key())
+            cert = identity.certify(
+                registry or self._registry(), self.federation, account, key.public_key()
+            )
             creds["registry_key"] = "registry.pub"
             creds["identity_cert"] = base64.b64encode(cert).decode()
         elif role == "aggregator":
             creds["signing_key"] = "../keys/aggregator.key"
             creds["device_keys"] = "../keys/devices"
-        path = self._write_credentials(account, creds)
-
-        accounts = self._load_accounts()
-        accounts[account] = {"role": role, "created": _now()}
-        self._save_accounts(accounts)
-        hashes = read_password_file(self.passwd_path) if self.passwd_path.exists() else {}
-        hashes[account] = hash_password(password)
-        self._write_security_files(hashes)
-        return path
+        return self._write_credentials(account, creds), password
 
     def _write_credentials(self, account: str, creds: Mapping[str, Any]) -> Path:
         header = (
@@ -425,6 +442,53 @@ class BrokerHome:
                 raise ConfigError(f"device {device_id!r} already exists in {self.path}")
             return self._add_account(device_id, "device", broker)
 
+    def add_devices(self, device_ids: Iterable[str], *, broker: str | None = None) -> list[Path]:
+        """Create many device accounts in one pass; their credentials files, in order.
+
+        Each device gets what ``add_device`` gives it (its own password, Ed25519 signing
+        key, registry identity certificate, credentials file), but passwd and
+        accounts.json are written once for the whole batch, not once per device (which
+        is quadratic: 10,000 devices would rewrite a 10,000-line passwd 10,000 times).
+        All or nothing: on a failure no new account is recorded and the files written
+        so far are removed. Call ``reload()`` afterwards.
+        """
+        ids = [check_device_id(d) for d in device_ids]
+        if broker:
+            self.check_client_address(broker)
+        if len(set(ids)) != len(ids):
+            twice = next(d for d, n in Counter(ids).items() if n > 1)
+            raise ConfigError(f"device {twice!r} is listed twice")
+        with self._locked():
+            existing = self.accounts()
+            clash = [d for d in ids if d in existing]
+            if clash:
+                more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+                raise ConfigError(f"device {clash[0]!r}{more} already exists in {self.path}")
+            registry = self._registry()
+            ca = (
+                CertificateAuthority.load(self.path / "pki/ca.key", self.ca_path)
+                if self.client_certs
+                else None
+            )
+            paths: list[Path] = []
+            hashes = read_password_file(self.passwd_path) if self.passwd_path.exists() else {}
+            accounts = self._load_accounts()
+            try:
+                for device_id in ids:
+                    path, password = self._account_files(
+                        device_id, "device", broker, registry=registry, ca=ca
+                    )
+                    paths.append(path)
+                    hashes[device_id] = hash_password(password)
+                    accounts[device_id] = {"role": "device", "created": _now()}
+                self._write_security_files(hashes)
+                self._save_accounts(accounts)
+            except BaseException:
+                for device_id in ids[: len(paths) + 1]:
+                    self._remove_device_files(device_id)
+                raise
+            return paths
+
     def remove_device(self, device_id: str) -> None:
         """Revoke a device: drop it from passwd and accounts, delete its keys and bundle."""
         with self._locked():
@@ -436,9 +500,12 @@ class BrokerHome:
             accounts = self._load_accounts()
             del accounts[device_id]
             self._save_accounts(accounts)
-            for suffix in (".toml", ".ed25519", ".crt", ".key"):
-                (self.credentials_dir / f"{device_id}{suffix}").unlink(missing_ok=True)
-            (self.device_keys_dir / f"{device_id}.pub").unlink(missing_ok=True)
+            self._remove_device_files(device_id)
+
+    def _remove_device_files(self, device_id: str) -> None:
+        for suffix in (".toml", ".ed25519", ".crt", ".key"):
+            (self.credentials_dir / f"{device_id}{suffix}").unlink(missing_ok=True)
+        (self.device_keys_dir / f"{device_id}.pub").unlink(missing_ok=True)
 
     def device_public_keys(self) -> dict[str, Ed25519PublicKey]:
         """``{device_id: Ed25519 public key}`` of every device of this home."""

@@ -49,6 +49,15 @@ def _register_broker_group() -> None:
 _register_broker_group()
 
 
+def _register_simulate() -> None:
+    from fedmq.cli_simulate import simulate
+
+    main.add_command(simulate)
+
+
+_register_simulate()
+
+
 def _stop_on_sigterm(stop) -> None:
     """SIGTERM asks the loop to stop cleanly, like Ctrl-C."""
     if threading.current_thread() is threading.main_thread():

@@ -198,6 +198,7 @@ def up(
                 "LAN restart with --bind 0.0.0.0 (or this machine's LAN address)"
             )
         click.echo(f"  log: {home.log_path}")
+        _say_fd_limit(home, running.fd_limit)
         click.echo(f"mosquitto running (pid {running.pid}); Ctrl-C stops it")
         code = running.proc.wait()
         if code != 0:  # 0: it was stopped by a signal (Ctrl-C reaches it too)
@@ -208,6 +209,30 @@ def up(
         running.stop()
         signal.signal(signal.SIGTERM, previous)
     click.echo("stopped")
+
+
+def fd_limit_lines(fd_limit: int | None, devices: int) -> list[str]:
+    """What `broker up` says about mosquitto's open-files limit for ``devices`` devices."""
+    from broker.launcher import FD_OVERHEAD, clients_for
+
+    if fd_limit is None:
+        return ["  file descriptors: unknown (no /proc); each client needs one"]
+    room = clients_for(fd_limit)
+    lines = [f"  file descriptors: {fd_limit:,} (room for about {room:,} clients)"]
+    needed = devices + 2 + FD_OVERHEAD  # the devices, the aggregator and the operator
+    if needed > fd_limit:
+        lines.append(
+            f"  warning: {devices:,} devices need about {needed:,} file descriptors but "
+            f"mosquitto got {fd_limit:,}: connections past {room:,} will be refused. Raise "
+            "the hard limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit) or start the "
+            "broker as root, which raises it"
+        )
+    return lines
+
+
+def _say_fd_limit(home: BrokerHome, fd_limit: int | None) -> None:
+    for line in fd_limit_lines(fd_limit, len(home.devices())):
+        click.echo(line, err=line.startswith("  warning"))
 
 
 def _hostport(host: str, port: int) -> str:
@@ -255,6 +280,45 @@ def add_device(device_id: str, home_dir: Path | None, address: str | None) -> No
         )
     click.echo("then run on the device:")
     click.echo(f"  fedmq agent run --config {_q(path)} --data <your data file>")
+
+
+@broker.command("add-devices", short_help="Add many devices at once (numbered ids).")
+@click.option("--prefix", required=True, help="Device ids are PREFIX followed by a number.")
+@click.option("--count", type=click.IntRange(min=1), required=True, help="How many devices.")
+@click.option(
+    "--start", type=click.IntRange(min=0), default=0, show_default=True, help="First number."
+)
+@_home_option
+@click.option("--broker", "address", help="HOST:PORT the devices dial (as for add-device).")
+@_errors
+def add_devices(
+    prefix: str, count: int, start: int, home_dir: Path | None, address: str | None
+) -> None:
+    """Create COUNT device accounts, PREFIX00000 upwards, in one pass.
+
+    Each device gets its own password, signing key, identity certificate and
+    credentials file, as with add-device; the password file and account list are
+    written once for the whole batch, so 10,000 devices take seconds. A running
+    broker is reloaded. Used for `fedmq simulate` fleets.
+
+    \b
+    Example: sim00000 ... sim09999
+      fedmq broker add-devices --prefix sim --count 10000 --home ./fedmq-broker
+    """
+    import time
+
+    home = BrokerHome(home_dir or DEFAULT_HOME)
+    width = max(5, len(str(start + count - 1)))
+    ids = [f"{prefix}{i:0{width}d}" for i in range(start, start + count)]
+    began = time.perf_counter()
+    paths = home.add_devices(ids, broker=address)
+    seconds = time.perf_counter() - began
+    click.echo(
+        f"added {len(paths):,} devices ({ids[0]} ... {ids[-1]}) to federation "
+        f"{home.federation!r} in {seconds:.1f} s"
+    )
+    click.echo(f"credentials: {home.credentials_dir}/<device>.toml")
+    click.echo(_reload_message(home, "they can connect now"))
 
 
 @broker.command("remove-device", short_help="Revoke a device and reload the broker.")

@@ -1,0 +1,263 @@
+"""One light virtual device of ``fedmq simulate``: a real MQTT client, no thread of its own.
+
+It behaves on the wire like ``device_agent.agent`` with its own account: client id
+``fedmq-device-<federation>-<id>``, a persistent session, a retained ``offline`` last
+will, ``online`` in its retained status once connected, the aggregator's signature
+checked on every model, one signed update per announced round (the same bytes again
+if the round's model comes back after a reconnect), and it stops at the final model.
+It trains nothing: its update is the announced model plus its own deterministic
+delta (``fedmq.secagg_fleet.trained_weights``), so the exact FedAvg is known.
+
+Every callback runs on the process's one ``ClientLoop`` thread. Identical model
+payloads (every device of the process receives the same retained model) are
+decoded and signature-checked once per process (``ModelCache``); each device still
+refuses a model that fails the check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from broker import codec, messages, signals
+from broker.connection import connect_properties
+from broker.errors import CodecError
+from broker.limits import DEFAULT_MAX_PAYLOAD
+from broker.topics import Topics
+from fedmq.secagg_fleet import synthetic_samples, trained_weights
+from fedmq.signing_hooks import agent_hooks
+from fedmq.sim_loop import ClientLoop
+
+KEEPALIVE = 60  # seconds: 10,000 devices ping ~170 times a second in all
+MAX_ERRORS = 50  # error lines kept per process (the rest are counted)
+CAPABILITIES = {"simulated": "fedmq simulate"}  # in the status, where an agent names its torch
+
+
+@dataclass
+class Tally:
+    """What one process's devices did: counters the parent sums and shows."""
+
+    devices: int = 0
+    connected: int = 0  # connected right now
+    ever_connected: int = 0
+    online: int = 0  # subscribed and said online (first time)
+    published: int = 0  # updates sent (re-sends included)
+    acked: int = 0  # updates the broker acknowledged
+    finished: int = 0  # devices that are done (final model, or --rounds answered)
+    reconnects: int = 0
+    models_refused: int = 0
+    rounds: Counter = field(default_factory=Counter)  # round -> devices that answered it
+    first_connack: list[float] = field(default_factory=list)  # wall times, once per device
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+
+    def error(self, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(message)
+
+
+class ModelCache:
+    """Decoded, signature-checked models by payload digest (the last few only)."""
+
+    def __init__(self, verify) -> None:
+        self.verify = verify
+        self._cache: dict[bytes, Any] = {}
+
+    def get(self, payload: bytes) -> messages.ModelMessage:
+        key = hashlib.sha256(payload).digest()
+        hit = self._cache.get(key)
+        if hit is None:
+            try:
+                msg = messages.decode_model(payload, max_payload=DEFAULT_MAX_PAYLOAD)
+                if self.verify is not None:
+                    self.verify(msg.tensors, msg.metadata)
+                hit = msg
+            except CodecError as exc:
+                hit = exc
+            if len(self._cache) >= 4:
+                self._cache.clear()
+            self._cache[key] = hit
+        if isinstance(hit, CodecError):
+            raise hit
+        return hit
+
+
+def tls_context(ca_file: Path, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+    """What ``make_client``'s ``tls_set`` builds, once per process instead of once per client."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(ca_file))
+    if cert_file is not None:
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return context
+
+
+class VirtualDevice:
+    def __init__(
+        self,
+        index: int,
+        creds: dict,
+        *,
+        loop: ClientLoop,
+        tally: Tally,
+        models: ModelCache,
+        context: ssl.SSLContext | None,
+        rounds: int | None,
+    ) -> None:
+        self.index = index
+        self.device_id: str = creds["device_id"]
+        self.federation: str = creds["federation"]
+        self.loop, self.tally, self.models, self.rounds = loop, tally, models, rounds
+        self.topics = Topics(self.federation)
+        self.sign, _ = agent_hooks(creds["signing_key"], None)
+        self.answered: list[int] = []  # rounds this device sent an update for
+        self.last_update: tuple[str, bytes] | None = None  # (model hash, payload)
+        self.update_mids: set[int] = set()
+        self.finished = False
+        self.said_online = False
+        self.is_connected = False
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"fedmq-device-{self.federation}-{self.device_id}",
+            protocol=mqtt.MQTTv5,
+        )
+        client.username_pw_set(creds["username"], creds["password"])
+        if context is not None:
+            client.tls_set_context(context)
+        client.will_set(self.topics.status(self.device_id), self._status("offline"), 1, True)
+        client.max_inflight_messages_set(20)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self.client = client
+
+    def start(self, host: str, port: int) -> None:
+        self.loop.add(
+            self.client,
+            host,
+            port,
+            keepalive=KEEPALIVE,
+            clean_start=False,
+            properties=connect_properties(persistent=True),
+        )
+
+    # -- callbacks (the loop's thread) ---------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.tally.error(f"{self.device_id}: broker refused the connection: {reason_code}")
+            return
+        self.loop.connected(client)
+        self.is_connected = True
+        self.tally.connected += 1
+        if self.tally.ever_connected < self.tally.devices and not self.said_online:
+            self.tally.first_connack.append(time.time())
+            self.tally.ever_connected += 1
+        else:
+            self.tally.reconnects += 1
+        client.subscribe(
+            [
+                (self.topics.model, mqtt.SubscribeOptions(qos=1)),
+                (self.topics.inbox(self.device_id), mqtt.SubscribeOptions(qos=1)),
+            ]
+        )
+        client.publish(self.topics.status(self.device_id), self._status("online"), 1, True)
+        if not self.said_online:
+            self.said_online = True
+            self.tally.online += 1
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.is_connected:
+            self.is_connected = False
+            self.tally.connected -= 1
+        if not self.finished:
+            self.loop.connection_lost(client)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if mid in self.update_mids:
+            self.update_mids.discard(mid)
+            if reason_code.is_failure:
+                self.tally.error(f"{self.device_id}: update refused by the broker: {reason_code}")
+            else:
+                self.tally.acked += 1
+                self._maybe_finish()
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic != self.topics.model or not msg.payload or self.finished:
+            return
+        try:
+            model = self.models.get(msg.payload)
+            if model.federation != self.federation:
+                raise CodecError(f"model of federation {model.federation!r}", reason="wrong_run")
+        except CodecError as exc:
+            self.tally.models_refused += 1
+            self.tally.error(f"{self.device_id}: refused a model ({exc.reason}): {exc}")
+            return
+        if model.final:
+            self._finish()
+            return
+        if not model.selects(self.device_id):
+            payload = self._status("skipped", model.round, "not selected")
+            client.publish(self.topics.status(self.device_id), payload, 1, True)
+            return
+        if self.last_update is not None and self.last_update[0] == model.model_hash:
+            self._send(self.last_update[1])  # the same round again: the same bytes
+            return
+        if self.rounds is not None and len(self.answered) >= self.rounds:
+            return
+        payload = self._update(model)
+        self.last_update = (model.model_hash, payload)
+        self.answered.append(model.round)
+        self.tally.rounds[model.round] += 1
+        self._send(payload)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _send(self, payload: bytes) -> None:
+        info = self.client.publish(self.topics.update(self.device_id), payload, qos=1)
+        self.update_mids.add(info.mid)
+        self.tally.published += 1
+
+    def _update(self, model: messages.ModelMessage) -> bytes:
+        tensors = trained_weights(self.index, model.tensors)
+        meta = messages.update_metadata(
+            round_=model.round,
+            device_id=self.device_id,
+            num_samples=synthetic_samples(self.index),
+            base_hash=model.model_hash,
+            metrics={"train_loss": 0.5},
+            federation=model.federation,
+            run_id=model.run_id,
+        )
+        if self.sign is not None:
+            meta["signature"] = self.sign(tensors, meta)
+        return codec.encode(tensors, meta)
+
+    def _maybe_finish(self) -> None:
+        if self.rounds is not None and len(self.answered) >= self.rounds and not self.update_mids:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.tally.finished += 1
+
+    def _status(self, status: str, round_: int | None = None, reason: str = "") -> bytes:
+        return signals.encode_status(
+            status, self.device_id, round_=round_, capabilities=CAPABILITIES, reason=reason
+        )
+
+    def say_offline(self) -> mqtt.MQTTMessageInfo | None:
+        """Leaving cleanly fires no will: say it, as an agent stopping does."""
+        if not self.is_connected:
+            return None
+        return self.client.publish(
+            self.topics.status(self.device_id), self._status("offline"), 1, True
+        )
