@@ -37,8 +37,7 @@ class LocalFederation:
     @classmethod
     def create(cls, path: Path, name: str, devices: list[str], **home_options) -> LocalFederation:
         home = BrokerHome.create(path, name, **home_options)
-        for device in devices:
-            home.add_device(device)
+        home.add_devices(devices)  # one pass: a test's 120 devices in a fraction of a second
         return cls(home, name, list(devices))
 
     # -- broker ----------------------------------------------------------------------

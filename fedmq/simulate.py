@@ -92,7 +92,7 @@ def _run_worker(spec: WorkerSpec, conn) -> WorkerReport:
     loop = ClientLoop(rate=spec.rate, on_error=lambda client, message: tally.error(message))
     contexts: dict[tuple, object] = {}
     verifiers: dict[Path | None, ModelCache] = {}
-    devices: list[VirtualDevice] = []
+    devices: list = []
     for index, creds_path in spec.devices:
         creds = load_credentials(creds_path)
         if not creds.get("device_id"):
@@ -119,9 +119,16 @@ def _run_worker(spec: WorkerSpec, conn) -> WorkerReport:
             context=context,
             rounds=spec.rounds,
         )
-        devices.append(device)
-        device.start(host, port)
+        devices.append((device, host, port))
+    # every worker dials from the same moment: the ramp measures connecting, not start-up
+    conn.send(("ready", len(devices)))
+    if conn.recv() != "go":
+        loop.close()
+        return WorkerReport(worker=spec.worker, tally=_snapshot(tally))
     dial_started = time.time()
+    for device, host, port in devices:
+        device.start(host, port)
+    devices = [device for device, _, _ in devices]
     next_report = 0.0
     stop = False
     while not stop and tally.finished < len(devices):
@@ -240,6 +247,7 @@ def run(
         child_end.close()
         workers.append((proc, parent_end))
     tallies: list[dict] = [{} for _ in workers]
+    ready = [False for _ in workers]
     reports: list[dict | None] = [None for _ in workers]
     errors: list[str] = []
     interrupted = False
@@ -264,7 +272,12 @@ def run(
                 try:
                     while pipe.poll():
                         kind, body = pipe.recv()
-                        if kind == "tally":
+                        if kind == "ready":
+                            ready[w] = True
+                            if all(ready) and not stop_sent:
+                                for _, other in workers:
+                                    other.send("go")
+                        elif kind == "tally":
                             tallies[w] = body
                         elif kind == "done":
                             reports[w] = body
