@@ -58,12 +58,29 @@ from fedmq.cli_common import fedmq_errors
     help="HOST:PORT to dial instead of the address in the credentials files.",
 )
 @click.option(
+    "--agent-subscriptions",
+    is_flag=True,
+    help="Also subscribe to the aggregator's state and round topics, as `fedmq agent run` "
+    "does (the state fans out to every device: see what it costs).",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(min=1),
     help="Give up after this many seconds (exit code 1).",
 )
 @fedmq_errors
-def simulate(home_dir, count, prefix, provision, processes, rate, rounds, broker, timeout) -> None:
+def simulate(
+    home_dir,
+    count,
+    prefix,
+    provision,
+    processes,
+    rate,
+    rounds,
+    broker,
+    agent_subscriptions,
+    timeout,
+) -> None:
     """Connect many light virtual devices to the federation's broker and take part in
     its rounds like agents do, without training.
 
@@ -112,6 +129,7 @@ def simulate(home_dir, count, prefix, provision, processes, rate, rounds, broker
             rounds=rounds,
             broker=broker,
             timeout=timeout,
+            agent_subscriptions=agent_subscriptions,
             on_tally=progress.update,
         )
     for line in summary(report):
@@ -134,12 +152,23 @@ def summary(report) -> list[str]:
         f"updates: {t.get('published', 0):,} sent, {t.get('acked', 0):,} acknowledged; "
         f"rounds answered {t.get('rounds', {})}; finished {t.get('finished', 0):,}",
     ]
+    models, acks = t.get("model_times", {}), t.get("ack_times", {})
+    for r in sorted(models):
+        first, last = models[r]
+        line = f"round {r}: model reached the devices over {last - first:.1f} s"
+        if r in acks:
+            line += f", updates acknowledged by the broker until +{acks[r][1] - first:.1f} s"
+        lines.append(line)
     for w in report.workers:
         if "cpu_seconds" in w:
             lines.append(
                 f"worker {w['worker']}: {len(w['first_connack']):,} devices, "
                 f"{w['cpu_seconds']:.1f} s CPU, peak {w['peak_rss_mb']:.0f} MB"
             )
+    if t.get("state_messages"):
+        lines.append(
+            f"state messages received: {t['state_messages']:,} ({t['state_bytes'] / 2**20:.1f} MiB)"
+        )
     if t.get("models_refused"):
         lines.append(f"models refused: {t['models_refused']:,}")
     lines.append(f"took {report.seconds:.1f} s; errors: {t.get('error_count', 0):,}")

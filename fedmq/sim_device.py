@@ -52,11 +52,23 @@ class Tally:
     acked: int = 0  # updates the broker acknowledged
     finished: int = 0  # devices that are done (final model, or --rounds answered)
     reconnects: int = 0
+    state_messages: int = 0  # aggregator state messages received (--agent-subscriptions)
+    state_bytes: int = 0
     models_refused: int = 0
     rounds: Counter = field(default_factory=Counter)  # round -> devices that answered it
     first_connack: list[float] = field(default_factory=list)  # wall times, once per device
+    # round -> [first, last] wall time a device of this process got the model / had its
+    # update acknowledged: where a round's time goes
+    model_times: dict = field(default_factory=dict)
+    ack_times: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     error_count: int = 0
+
+    @staticmethod
+    def stamp(times: dict, round_: int) -> None:
+        now = time.time()
+        span = times.setdefault(round_, [now, now])
+        span[1] = now
 
     def error(self, message: str) -> None:
         self.error_count += 1
@@ -110,16 +122,18 @@ class VirtualDevice:
         models: ModelCache,
         context: ssl.SSLContext | None,
         rounds: int | None,
+        agent_subscriptions: bool = False,
     ) -> None:
         self.index = index
         self.device_id: str = creds["device_id"]
         self.federation: str = creds["federation"]
         self.loop, self.tally, self.models, self.rounds = loop, tally, models, rounds
+        self.agent_subscriptions = agent_subscriptions
         self.topics = Topics(self.federation)
         self.sign, _ = agent_hooks(creds["signing_key"], None)
         self.answered: list[int] = []  # rounds this device sent an update for
         self.last_update: tuple[str, bytes] | None = None  # (model hash, payload)
-        self.update_mids: set[int] = set()
+        self.update_mids: dict[int, int] = {}  # mid -> round
         self.finished = False
         self.said_online = False
         self.is_connected = False
@@ -163,12 +177,10 @@ class VirtualDevice:
             self.tally.ever_connected += 1
         else:
             self.tally.reconnects += 1
-        client.subscribe(
-            [
-                (self.topics.model, mqtt.SubscribeOptions(qos=1)),
-                (self.topics.inbox(self.device_id), mqtt.SubscribeOptions(qos=1)),
-            ]
-        )
+        topics = [self.topics.model, self.topics.inbox(self.device_id)]
+        if self.agent_subscriptions:  # device_agent.agent's four, state and round included
+            topics += [self.topics.state, self.topics.round]
+        client.subscribe([(t, mqtt.SubscribeOptions(qos=1)) for t in topics])
         client.publish(self.topics.status(self.device_id), self._status("online"), 1, True)
         if not self.said_online:
             self.said_online = True
@@ -183,14 +195,18 @@ class VirtualDevice:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if mid in self.update_mids:
-            self.update_mids.discard(mid)
+            round_ = self.update_mids.pop(mid)
             if reason_code.is_failure:
                 self.tally.error(f"{self.device_id}: update refused by the broker: {reason_code}")
             else:
                 self.tally.acked += 1
+                self.tally.stamp(self.tally.ack_times, round_)
                 self._maybe_finish()
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.state:
+            self.tally.state_messages += 1
+            self.tally.state_bytes += len(msg.payload)
         if msg.topic != self.topics.model or not msg.payload or self.finished:
             return
         try:
@@ -204,12 +220,13 @@ class VirtualDevice:
         if model.final:
             self._finish()
             return
+        self.tally.stamp(self.tally.model_times, model.round)
         if not model.selects(self.device_id):
             payload = self._status("skipped", model.round, "not selected")
             client.publish(self.topics.status(self.device_id), payload, 1, True)
             return
         if self.last_update is not None and self.last_update[0] == model.model_hash:
-            self._send(self.last_update[1])  # the same round again: the same bytes
+            self._send(self.last_update[1], model.round)  # the same round again: the same bytes
             return
         if self.rounds is not None and len(self.answered) >= self.rounds:
             return
@@ -217,12 +234,12 @@ class VirtualDevice:
         self.last_update = (model.model_hash, payload)
         self.answered.append(model.round)
         self.tally.rounds[model.round] += 1
-        self._send(payload)
+        self._send(payload, model.round)
 
     # -- helpers ------------------------------------------------------------------------
-    def _send(self, payload: bytes) -> None:
+    def _send(self, payload: bytes, round_: int) -> None:
         info = self.client.publish(self.topics.update(self.device_id), payload, qos=1)
-        self.update_mids.add(info.mid)
+        self.update_mids[info.mid] = round_
         self.tally.published += 1
 
     def _update(self, model: messages.ModelMessage) -> bytes:

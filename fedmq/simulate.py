@@ -32,6 +32,7 @@ class WorkerSpec:
     broker: str | None = None  # HOST:PORT instead of the credentials' address
     rate: float = 100.0  # this worker's new connections per second
     rounds: int | None = None  # leave after answering this many rounds (None: the final model)
+    agent_subscriptions: bool = False  # also subscribe to state and round, as the agent does
 
 
 @dataclass
@@ -118,6 +119,7 @@ def _run_worker(spec: WorkerSpec, conn) -> WorkerReport:
             models=verifiers[model_key],
             context=context,
             rounds=spec.rounds,
+            agent_subscriptions=spec.agent_subscriptions,
         )
         devices.append((device, host, port))
     # every worker dials from the same moment: the ramp measures connecting, not start-up
@@ -216,6 +218,13 @@ def sum_tallies(tallies: list[dict]) -> dict:
             elif isinstance(v, int):
                 totals[k] = totals.get(k, 0) + v
     totals["rounds"] = dict(sorted(rounds.items()))
+    for key in ("model_times", "ack_times"):
+        spans: dict[int, list[float]] = {}
+        for t in tallies:
+            for r, (first, last) in t.get(key, {}).items():
+                span = spans.setdefault(int(r), [first, last])
+                span[0], span[1] = min(span[0], first), max(span[1], last)
+        totals[key] = dict(sorted(spans.items()))
     return totals
 
 
@@ -227,6 +236,7 @@ def run(
     rounds: int | None = None,
     broker: str | None = None,
     timeout: float | None = None,
+    agent_subscriptions: bool = False,
     on_tally: Callable[[dict], None] | None = None,
 ) -> SimReport:
     """Run the fleet ``devices`` ((index, credentials file) each) to the end; the report.
@@ -240,7 +250,14 @@ def run(
     started = time.perf_counter()
     workers = []
     for w, part in enumerate(split(devices, processes)):
-        spec = WorkerSpec(w, part, broker=broker, rate=rate / processes, rounds=rounds)
+        spec = WorkerSpec(
+            w,
+            part,
+            broker=broker,
+            rate=rate / processes,
+            rounds=rounds,
+            agent_subscriptions=agent_subscriptions,
+        )
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(target=worker_main, args=(spec, child_end), daemon=True)
         proc.start()

@@ -101,6 +101,16 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--rate", type=float, default=300, help="connections/s (0: no pacing)")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--agent-subscriptions",
+        action="store_true",
+        help="devices also subscribe to state and round, as `fedmq agent run` does",
+    )
+    parser.add_argument(
+        "--run-dir-tmpfs",
+        action="store_true",
+        help="the aggregator's run directory in /dev/shm: its fsyncs cost nothing",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
 
@@ -111,6 +121,10 @@ def main() -> int:
     home.add_devices([f"sim{i:05d}" for i in range(args.devices)])
     provision = time.perf_counter() - started
     print(f"provisioning: {args.devices:,} devices in {provision:.1f} s", flush=True)
+    run_path = work / "run"
+    if args.run_dir_tmpfs:
+        run_path = Path(tempfile.mkdtemp(prefix="fedmq-simbench-run-", dir="/dev/shm"))
+        print(f"aggregator run directory on tmpfs: {run_path}")
     fed = LocalFederation(home, "sim", [])
     ok = True
     with fed:
@@ -128,7 +142,7 @@ def main() -> int:
             "--deadline",
             "0",
             "--run-dir",
-            str(work / "run"),
+            str(run_path),
             log=work / "aggregator.log",
         )
         report = sim.run(
@@ -136,6 +150,7 @@ def main() -> int:
             processes=args.processes,
             rate=args.rate,
             timeout=args.timeout,
+            agent_subscriptions=args.agent_subscriptions,
         )
         try:
             code, agg_cpu, agg_rss = wait_with_usage(agg, 120)
@@ -157,7 +172,7 @@ def main() -> int:
         print(f"FAILED: aggregator exit {code}; simulator errors {report.errors[:3]}")
         print((work / "aggregator.log").read_text()[-2000:])
         return 1
-    run = RunDir(work / "run")
+    run = RunDir(run_path)
     for m in run.metrics():
         print(f"round {m['round']}: {m['devices']:,} updates in {m['seconds']:.2f} s")
     indices = list(range(args.devices))
@@ -202,6 +217,8 @@ def main() -> int:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+        if args.run_dir_tmpfs:
+            shutil.rmtree(run_path, ignore_errors=True)
     print("OK" if ok else "FAILED: a round's model is not the exact FedAvg")
     return 0 if ok else 1
 
