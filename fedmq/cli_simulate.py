@@ -154,6 +154,8 @@ def summary(report) -> list[str]:
     ]
     models, acks = t.get("model_times", {}), t.get("ack_times", {})
     for r in sorted(models):
+        if r not in acks:
+            continue  # the final model's round: nothing to answer
         first, last = models[r]
         line = f"round {r}: model reached the devices over {last - first:.1f} s"
         if r in acks:

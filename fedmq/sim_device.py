@@ -218,6 +218,7 @@ class VirtualDevice:
             self.tally.error(f"{self.device_id}: refused a model ({exc.reason}): {exc}")
             return
         if model.final:
+            self.tally.stamp(self.tally.model_times, model.round)  # the run's end
             self._finish()
             return
         self.tally.stamp(self.tally.model_times, model.round)

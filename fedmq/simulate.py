@@ -237,6 +237,7 @@ def run(
     broker: str | None = None,
     timeout: float | None = None,
     agent_subscriptions: bool = False,
+    on_start: Callable[[list[int]], None] | None = None,
     on_tally: Callable[[dict], None] | None = None,
 ) -> SimReport:
     """Run the fleet ``devices`` ((index, credentials file) each) to the end; the report.
@@ -263,6 +264,8 @@ def run(
         proc.start()
         child_end.close()
         workers.append((proc, parent_end))
+    if on_start is not None:
+        on_start([proc.pid for proc, _ in workers])
     tallies: list[dict] = [{} for _ in workers]
     ready = [False for _ in workers]
     reports: list[dict | None] = [None for _ in workers]

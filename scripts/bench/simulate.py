@@ -62,20 +62,43 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-class Sampler(threading.Thread):
-    """The latest CPU seconds and peak RSS of a process, until it exits."""
+class Timeline(threading.Thread):
+    """CPU seconds of named groups of processes, sampled every 0.2 s with the wall time,
+    to say who used the CPU during each round."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.pid, self.cpu, self.rss = pid, 0.0, 0.0
+        self.groups: dict[str, list[int]] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.last: dict[int, float] = {}  # a process's last CPU reading (it survives exit)
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.is_set() and Path(f"/proc/{self.pid}").exists():
-            cpu, rss = cpu_seconds(self.pid), peak_rss_mb(self.pid)
-            if cpu:
-                self.cpu, self.rss = cpu, max(self.rss, rss)
-            time.sleep(0.1)
+        while not self.stop.is_set():
+            reading = {}
+            for name, pids in list(self.groups.items()):
+                total = 0.0
+                for pid in pids:
+                    cpu = cpu_seconds(pid)
+                    if cpu:
+                        self.last[pid] = cpu
+                    total += self.last.get(pid, 0.0)
+                reading[name] = total
+            self.samples.append((time.time(), reading))
+            time.sleep(0.2)
+
+    def at(self, when: float) -> dict[str, float]:
+        """The reading nearest before ``when``."""
+        best = self.samples[0][1]
+        for t, reading in self.samples:
+            if t > when:
+                break
+            best = reading
+        return best
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        a, b = self.at(start), self.at(end)
+        return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in b}
 
 
 def wait_with_usage(proc, timeout: float) -> tuple[int, float, float]:
@@ -128,8 +151,9 @@ def main() -> int:
     fed = LocalFederation(home, "sim", [])
     ok = True
     with fed:
-        broker = Sampler(fed.broker.pid)
-        broker.start()
+        timeline = Timeline()
+        timeline.groups["broker"] = [fed.broker.pid]
+        timeline.start()
         print(f"mosquitto pid {fed.broker.pid}: open-files limit {fed.broker.fd_limit:,}")
         cpu_broker_idle = cpu_seconds(fed.broker.pid)
         agg = fed.spawn_aggregator(
@@ -145,12 +169,14 @@ def main() -> int:
             str(run_path),
             log=work / "aggregator.log",
         )
+        timeline.groups["aggregator"] = [agg.pid]
         report = sim.run(
             sim.fleet(home, args.devices, "sim"),
             processes=args.processes,
             rate=args.rate,
             timeout=args.timeout,
             agent_subscriptions=args.agent_subscriptions,
+            on_start=lambda pids: timeline.groups.__setitem__("simulator", pids),
         )
         try:
             code, agg_cpu, agg_rss = wait_with_usage(agg, 120)
@@ -159,7 +185,7 @@ def main() -> int:
             return 1
         broker_cpu = cpu_seconds(fed.broker.pid) - cpu_broker_idle
         broker_rss = peak_rss_mb(fed.broker.pid)
-        broker.stop.set()
+        timeline.stop.set()
     for line in summary(report):
         print(line)
     rate = report.connections_per_second
@@ -173,8 +199,19 @@ def main() -> int:
         print((work / "aggregator.log").read_text()[-2000:])
         return 1
     run = RunDir(run_path)
+    models = report.totals.get("model_times", {})
+    acks = report.totals.get("ack_times", {})
     for m in run.metrics():
-        print(f"round {m['round']}: {m['devices']:,} updates in {m['seconds']:.2f} s")
+        r = m["round"]
+        print(f"round {r}: {m['devices']:,} updates in {m['seconds']:.2f} s (aggregator's clock)")
+        if r in models and r + 1 in models:
+            start, end = models[r][0], models[r + 1][0]
+            cpu = timeline.between(start, end)
+            print(
+                f"  first device's model to the next model: {end - start:.1f} s wall; CPU s: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+                + f"; every update acked by the broker {acks[r][1] - start:.1f} s in"
+            )
     indices = list(range(args.devices))
     for r in range(1, args.rounds + 1):
         expected = expected_fedavg(run.checkpoint(r - 1), indices)
