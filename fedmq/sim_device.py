@@ -37,6 +37,9 @@ from fedmq.sim_loop import ClientLoop
 
 KEEPALIVE = 60  # seconds: 10,000 devices ping ~170 times a second in all
 MAX_ERRORS = 50  # error lines kept per process (the rest are counted)
+# CONNACK reason codes no retry can fix: bad user name or password (134), not authorized
+# (135), client identifier not valid (133), banned (138)
+PERMANENT_REFUSALS = {133, 134, 135, 138}
 CAPABILITIES = {"simulated": "fedmq simulate"}  # in the status, where an agent names its torch
 
 
@@ -51,6 +54,7 @@ class Tally:
     published: int = 0  # updates sent (re-sends included)
     acked: int = 0  # updates the broker acknowledged
     finished: int = 0  # devices that are done (final model, or --rounds answered)
+    refused: int = 0  # devices the broker will not let in (credentials, TLS): given up
     reconnects: int = 0
     state_messages: int = 0  # aggregator state messages received (--agent-subscriptions)
     state_bytes: int = 0
@@ -167,7 +171,10 @@ class VirtualDevice:
     # -- callbacks (the loop's thread) ---------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            permanent = reason_code.value in PERMANENT_REFUSALS
             self.tally.error(f"{self.device_id}: broker refused the connection: {reason_code}")
+            if permanent:
+                self.give_up()
             return
         self.loop.connected(client)
         self.is_connected = True
@@ -257,6 +264,12 @@ class VirtualDevice:
         if self.sign is not None:
             meta["signature"] = self.sign(tensors, meta)
         return codec.encode(tensors, meta)
+
+    def give_up(self) -> None:
+        """Refused for good (bad credentials, not authorized, TLS): no more redials."""
+        if not self.finished:
+            self.finished = True
+            self.tally.refused += 1
 
     def _maybe_finish(self) -> None:
         if self.rounds is not None and len(self.answered) >= self.rounds and not self.update_mids:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import selectors
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,10 +32,17 @@ BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 class ClientLoop:
     """Owns the sockets of the clients it connects; call ``run_once`` repeatedly."""
 
-    def __init__(self, *, rate: float = 500.0, on_error: Callable[[Any, str], None] | None = None):
+    def __init__(
+        self,
+        *,
+        rate: float = 500.0,
+        on_error: Callable[[Any, str, bool], None] | None = None,
+    ):
         self.selector = selectors.DefaultSelector()
         self.rate = rate  # new connections per second
-        self.on_error = on_error or (lambda client, message: None)
+        # (client, message, permanent): a permanent failure (the broker's certificate does
+        # not verify) is not redialled; a transient one is, with backoff
+        self.on_error = on_error or (lambda client, message, permanent: None)
         self.clients: list[mqtt.Client] = []
         self._due: list[tuple[float, int, mqtt.Client]] = []  # (when, tiebreak, client) to dial
         self._tiebreak = itertools.count()
@@ -137,9 +145,12 @@ class ClientLoop:
             self.dials += 1
             try:
                 client.reconnect()
-            except (OSError, ValueError) as exc:  # refused, timed out, TLS failure
+            except ssl.SSLCertVerificationError as exc:
                 self.dial_failures += 1
-                self.on_error(client, f"connect failed: {exc}")
+                self.on_error(client, f"TLS: the broker's certificate does not verify: {exc}", True)
+            except (OSError, ValueError) as exc:  # refused, timed out, reset
+                self.dial_failures += 1
+                self.on_error(client, f"connect failed: {exc}", False)
                 self.connection_lost(client)
             now = time.monotonic()
 

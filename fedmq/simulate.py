@@ -90,7 +90,15 @@ def _run_worker(spec: WorkerSpec, conn) -> WorkerReport:
 
     _raise_own_fd_limit(len(spec.devices) + 64)
     tally = Tally(devices=len(spec.devices))
-    loop = ClientLoop(rate=spec.rate, on_error=lambda client, message: tally.error(message))
+    by_client: dict[int, VirtualDevice] = {}
+
+    def on_error(client, message: str, permanent: bool) -> None:
+        device = by_client.get(id(client))
+        tally.error(f"{device.device_id if device else '?'}: {message}")
+        if permanent and device is not None:
+            device.give_up()
+
+    loop = ClientLoop(rate=spec.rate, on_error=on_error)
     contexts: dict[tuple, object] = {}
     verifiers: dict[Path | None, ModelCache] = {}
     devices: list = []
@@ -122,6 +130,7 @@ def _run_worker(spec: WorkerSpec, conn) -> WorkerReport:
             agent_subscriptions=spec.agent_subscriptions,
         )
         devices.append((device, host, port))
+        by_client[id(device.client)] = device
     # every worker dials from the same moment: the ramp measures connecting, not start-up
     conn.send(("ready", len(devices)))
     if conn.recv() != "go":
@@ -133,7 +142,7 @@ def _run_worker(spec: WorkerSpec, conn) -> WorkerReport:
     devices = [device for device, _, _ in devices]
     next_report = 0.0
     stop = False
-    while not stop and tally.finished < len(devices):
+    while not stop and tally.finished + tally.refused < len(devices):
         loop.run_once(0.05)
         now = time.monotonic()
         if now >= next_report:
@@ -355,7 +364,7 @@ def _report(devices, processes, tallies, reports, errors, interrupted, started) 
         seconds=time.perf_counter() - started,
         connect_seconds=connect_seconds,
         connections_per_second=(len(acks) / connect_seconds) if connect_seconds else None,
-        errors=errors + device_errors,
+        errors=device_errors + errors,  # the devices' own say why first
         interrupted=interrupted,
     )
 

@@ -81,11 +81,45 @@ def _drain(inbox: queue.Queue, seen: dict) -> int:
         seen[topic.rsplit("/", 1)[1]] = signals.parse_status(payload).status
 
 
+def test_a_device_the_broker_refuses_is_named_in_one_line_and_given_up(federation, tmp_path):
+    ids = ["sim00000", "sim00001", "sim00002"]
+    fed = federation(devices=ids)
+    creds = fed.credentials("sim00001")
+    creds.write_text(creds.read_text().replace('password = "', 'password = "wrong'))
+    _, agg_thread = fed.start_aggregator(tmp_path, rounds=1, min_devices=2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "simulate", "--home", str(fed.home.path)]
+        + ["--processes", "1", "--rounds", "1", "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert error_lines == ["Error: sim00001: broker refused the connection: Not authorized"], (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert "connected 2 " in proc.stdout  # the other two got in, and took part
+    assert "rounds answered {1: 2}" in proc.stdout
+    assert join(agg_thread, 30) == 0
+    missing = subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "simulate", "--home", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert missing.returncode == 1 and "is not a fedmq broker home" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_one_loop_redials_every_client_after_a_broker_restart(federation):
     ids = [f"r{i:02d}" for i in range(20)]
     fed = federation(devices=ids)
     tally = Tally(devices=len(ids))
-    loop = ClientLoop(rate=0, on_error=lambda c, m: tally.error(m))
+    loop = ClientLoop(rate=0, on_error=lambda c, m, permanent: tally.error(m))
     creds = [load_credentials(fed.credentials(d)) for d in ids]
     context = tls_context(creds[0]["ca_file"], None, None)
     models = ModelCache(None)
