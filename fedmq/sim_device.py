@@ -33,7 +33,7 @@ from broker.limits import DEFAULT_MAX_PAYLOAD
 from broker.topics import Topics
 from fedmq.secagg_fleet import synthetic_samples, trained_weights
 from fedmq.signing_hooks import agent_hooks
-from fedmq.sim_loop import ClientLoop
+from fedmq.sim_loop import ClientLoop, SimClient
 
 KEEPALIVE = 60  # seconds: 10,000 devices ping ~170 times a second in all
 MAX_ERRORS = 50  # error lines kept per process (the rest are counted)
@@ -141,12 +141,13 @@ class VirtualDevice:
         self.finished = False
         self.said_online = False
         self.is_connected = False
-        client = mqtt.Client(
+        client = SimClient(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"fedmq-device-{self.federation}-{self.device_id}",
             protocol=mqtt.MQTTv5,
         )
         client.username_pw_set(creds["username"], creds["password"])
+        self.context = context
         if context is not None:
             client.tls_set_context(context)
         client.will_set(self.topics.status(self.device_id), self._status("offline"), 1, True)
@@ -163,6 +164,7 @@ class VirtualDevice:
             self.client,
             host,
             port,
+            tls=self.context,
             keepalive=KEEPALIVE,
             clean_start=False,
             properties=connect_properties(persistent=True),

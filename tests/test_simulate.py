@@ -153,6 +153,34 @@ def test_one_loop_redials_every_client_after_a_broker_restart(federation):
         loop.close()
 
 
+def test_a_broker_certificate_that_does_not_verify_is_a_permanent_refusal(federation, tmp_path):
+    fed = federation(devices=["t0"])
+    stranger = BrokerHome.create(tmp_path / "other", "other")  # another CA altogether
+    tally = Tally(devices=1)
+    loop = ClientLoop(rate=0)
+    device = VirtualDevice(
+        0,
+        load_credentials(fed.credentials("t0")),
+        loop=loop,
+        tally=tally,
+        models=ModelCache(None),
+        context=tls_context(stranger.ca_path, None, None),
+        rounds=1,
+    )
+    loop.on_error = lambda client, message, permanent: (
+        tally.error(message),
+        device.give_up() if permanent else None,
+    )
+    device.start("127.0.0.1", fed.tls_port)
+    deadline = time.monotonic() + 10
+    while tally.refused == 0 and time.monotonic() < deadline:
+        loop.run_once(0.05)
+    loop.close()
+    assert tally.refused == 1 and tally.ever_connected == 0
+    assert loop.dials == 1  # given up, not redialled
+    assert "certificate does not verify" in tally.errors[0]
+
+
 def test_bulk_provisioning_gives_each_device_its_own_secrets_in_one_pass(tmp_path):
     home = BrokerHome.create(tmp_path / "home", "bulk")
     ids = [f"b{i:03d}" for i in range(300)]
