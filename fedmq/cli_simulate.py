@@ -58,10 +58,11 @@ from fedmq.cli_common import fedmq_errors
     help="HOST:PORT to dial instead of the address in the credentials files.",
 )
 @click.option(
-    "--agent-subscriptions",
+    "--subscribe-state",
     is_flag=True,
-    help="Also subscribe to the aggregator's state and round topics, as `fedmq agent run` "
-    "does (the state fans out to every device: see what it costs).",
+    help="Also subscribe to the aggregator's state topic, as agents did before: the "
+    "broker copies every state update (up to 4 a second) to every device. To measure "
+    "what that costs.",
 )
 @click.option(
     "--timeout",
@@ -78,7 +79,7 @@ def simulate(
     rate,
     rounds,
     broker,
-    agent_subscriptions,
+    subscribe_state,
     timeout,
 ) -> None:
     """Connect many light virtual devices to the federation's broker and take part in
@@ -129,7 +130,7 @@ def simulate(
             rounds=rounds,
             broker=broker,
             timeout=timeout,
-            agent_subscriptions=agent_subscriptions,
+            subscribe_state=subscribe_state,
             on_tally=progress.update,
         )
     for line in summary(report):

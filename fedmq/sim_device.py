@@ -56,7 +56,7 @@ class Tally:
     finished: int = 0  # devices that are done (final model, or --rounds answered)
     refused: int = 0  # devices the broker will not let in (credentials, TLS): given up
     reconnects: int = 0
-    state_messages: int = 0  # aggregator state messages received (--agent-subscriptions)
+    state_messages: int = 0  # aggregator state messages received (--subscribe-state)
     state_bytes: int = 0
     models_refused: int = 0
     rounds: Counter = field(default_factory=Counter)  # round -> devices that answered it
@@ -126,13 +126,13 @@ class VirtualDevice:
         models: ModelCache,
         context: ssl.SSLContext | None,
         rounds: int | None,
-        agent_subscriptions: bool = False,
+        subscribe_state: bool = False,
     ) -> None:
         self.index = index
         self.device_id: str = creds["device_id"]
         self.federation: str = creds["federation"]
         self.loop, self.tally, self.models, self.rounds = loop, tally, models, rounds
-        self.agent_subscriptions = agent_subscriptions
+        self.subscribe_state = subscribe_state
         self.topics = Topics(self.federation)
         self.sign, _ = agent_hooks(creds["signing_key"], None)
         self.answered: list[int] = []  # rounds this device sent an update for
@@ -186,9 +186,10 @@ class VirtualDevice:
             self.tally.ever_connected += 1
         else:
             self.tally.reconnects += 1
-        topics = [self.topics.model, self.topics.inbox(self.device_id)]
-        if self.agent_subscriptions:  # device_agent.agent's four, state and round included
-            topics += [self.topics.state, self.topics.round]
+        # device_agent.agent's subscriptions; state only to measure what it costs
+        topics = [self.topics.model, self.topics.round, self.topics.inbox(self.device_id)]
+        if self.subscribe_state:
+            topics.append(self.topics.state)
         client.subscribe([(t, mqtt.SubscribeOptions(qos=1)) for t in topics])
         client.publish(self.topics.status(self.device_id), self._status("online"), 1, True)
         if not self.said_online:

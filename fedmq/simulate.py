@@ -32,7 +32,7 @@ class WorkerSpec:
     broker: str | None = None  # HOST:PORT instead of the credentials' address
     rate: float = 100.0  # this worker's new connections per second
     rounds: int | None = None  # leave after answering this many rounds (None: the final model)
-    agent_subscriptions: bool = False  # also subscribe to state and round, as the agent does
+    subscribe_state: bool = False  # also subscribe to the aggregator's state (its fan-out cost)
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _run_worker(spec: WorkerSpec, conn) -> WorkerReport:
             models=verifiers[model_key],
             context=context,
             rounds=spec.rounds,
-            agent_subscriptions=spec.agent_subscriptions,
+            subscribe_state=spec.subscribe_state,
         )
         devices.append((device, host, port))
         by_client[id(device.client)] = device
@@ -245,7 +245,7 @@ def run(
     rounds: int | None = None,
     broker: str | None = None,
     timeout: float | None = None,
-    agent_subscriptions: bool = False,
+    subscribe_state: bool = False,
     on_start: Callable[[list[int]], None] | None = None,
     on_tally: Callable[[dict], None] | None = None,
 ) -> SimReport:
@@ -266,7 +266,7 @@ def run(
             broker=broker,
             rate=rate / processes,
             rounds=rounds,
-            agent_subscriptions=agent_subscriptions,
+            subscribe_state=subscribe_state,
         )
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(target=worker_main, args=(spec, child_end), daemon=True)

@@ -27,7 +27,7 @@ from fedmq.secagg_fleet import expected_fedavg
 from fedmq.sim_device import ModelCache, Tally, VirtualDevice, tls_context
 from fedmq.sim_loop import ClientLoop
 from fedmq.simulate import fleet
-from tests.helpers import join, mqtt_session, wait_for
+from tests.helpers import join, mqtt_session, wait_for, write_blobs
 
 pytestmark = pytest.mark.mosquitto
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,3 +246,33 @@ def test_the_fd_limit_policy_and_what_broker_up_says_about_it():
     short = fd_limit_lines(1024, 10_000)
     assert len(short) == 2 and "10,000 devices need about 10,066" in short[1]
     assert "connections past 960 will be refused" in short[1]
+
+
+def test_an_agent_does_not_subscribe_to_the_state_the_aggregator_keeps_republishing(
+    federation, tmp_path
+):
+    """The broker would copy every state update (up to 4 a second) to every device;
+    the agent never reads it. The simulated devices subscribe as the agent does."""
+    fed = federation(devices=["bob"])
+    data = write_blobs(tmp_path / "data", ["bob"])["bob"]
+    _, agg_thread = fed.start_aggregator(tmp_path, rounds=2, min_devices=1)
+    agent = fed.agent("bob", data, exit_when_done=True)
+    topics: list[str] = []
+    route = agent.client.on_message
+
+    def record(client, userdata, msg):
+        topics.append(msg.topic)
+        route(client, userdata, msg)
+
+    agent.client.on_message = record
+    assert join(fed.in_thread(agent.run, timeout=60), 90) == 0
+    assert join(agg_thread, 30) == 0
+    t = Topics(fed.name)
+    assert topics.count(t.model) >= 3  # two rounds and the final model
+    assert t.state not in topics
+    # and the aggregator did publish state meanwhile: a subscriber would have had it
+    with mqtt_session(fed.settings("fedmq-operator"), "test-state-reader") as client:
+        got: queue.Queue = queue.Queue()
+        client.on_message = lambda c, u, m: got.put(m.topic)
+        client.subscribe(t.state, qos=1)
+        assert got.get(timeout=10) == t.state

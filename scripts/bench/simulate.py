@@ -125,9 +125,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=300, help="connections/s (0: no pacing)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument(
-        "--agent-subscriptions",
+        "--subscribe-state",
         action="store_true",
-        help="devices also subscribe to state and round, as `fedmq agent run` does",
+        help="devices also subscribe to the aggregator's state (what agents did before)",
     )
     parser.add_argument(
         "--run-dir-tmpfs",
@@ -175,7 +175,7 @@ def main() -> int:
             processes=args.processes,
             rate=args.rate,
             timeout=args.timeout,
-            agent_subscriptions=args.agent_subscriptions,
+            subscribe_state=args.subscribe_state,
             on_start=lambda pids: timeline.groups.__setitem__("simulator", pids),
         )
         try:
