@@ -21,6 +21,7 @@ from broker.home import BrokerHome
 
 DEFAULT_HOME = Path("fedmq-broker")
 DEFAULT_PORT, DEFAULT_TLS_PORT = 1883, 8883
+LIST_DEVICES = 20  # devices `init`/`up` list one by one; past that, the first and a count
 
 
 def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,8 +124,14 @@ def _describe(home: BrokerHome) -> None:
     if home.tls:
         click.echo(f"  CA certificate: {home.ca_path}")
     click.echo("  credentials (secret, 0600):")
-    for account, role in sorted(home.accounts().items(), key=lambda kv: (kv[1], kv[0])):
-        click.echo(f"    {role:<10} {home.credentials_path(account)}")
+    accounts = sorted(home.accounts().items(), key=lambda kv: (kv[1], kv[0]))
+    devices = [a for a, role in accounts if role == "device"]
+    for account, role in accounts:
+        if role == "device" and len(devices) > LIST_DEVICES and account != devices[0]:
+            continue
+        click.echo(f"    {role:<10} {home.credentials_dir / f'{account}.toml'}")
+        if role == "device" and len(devices) > LIST_DEVICES:  # a simulated fleet: one line
+            click.echo(f"    {'':<10} ... and {len(devices) - 1:,} more, up to {devices[-1]}")
 
 
 @broker.command(short_help="Run mosquitto in the foreground.")
@@ -224,8 +231,8 @@ def fd_limit_lines(fd_limit: int | None, devices: int) -> list[str]:
         lines.append(
             f"  warning: {devices:,} devices need about {needed:,} file descriptors but "
             f"mosquitto got {fd_limit:,}: connections past {room:,} will be refused. Raise "
-            "the hard limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit) or start the "
-            "broker as root, which raises it"
+            "the hard limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit), or start the broker "
+            "as root with CAP_SYS_RESOURCE, which lets it raise the limit itself"
         )
     return lines
 
