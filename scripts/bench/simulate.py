@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from aggregator.checkpoint import RunDir  # noqa: E402
 from broker.home import BrokerHome  # noqa: E402
 from fedmq import simulate as sim  # noqa: E402
 from fedmq.cli_simulate import summary  # noqa: E402
-from fedmq.local import LocalFederation  # noqa: E402
+from fedmq.local import AGGREGATOR, LocalFederation  # noqa: E402
 from fedmq.secagg_fleet import expected_fedavg  # noqa: E402
 from fedmq.synthetic import blobs_task  # noqa: E402
 
@@ -113,6 +114,23 @@ def wait_with_usage(proc, timeout: float) -> tuple[int, float, float]:
     raise TimeoutError(f"the aggregator did not finish within {timeout:g} s")
 
 
+def spawn_profiled(fed: LocalFederation, out: Path):
+    """``fed.spawn`` under cProfile (the aggregator's rounds run on its main thread)."""
+
+    def spawn(*args: str, log: Path | None = None):
+        with open(log or os.devnull, "ab") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "fedmq.cli", *args],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        fed.procs.append(proc)
+        return proc
+
+    return spawn
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -133,6 +151,11 @@ def main() -> int:
         "--run-dir-tmpfs",
         action="store_true",
         help="the aggregator's run directory in /dev/shm: its fsyncs cost nothing",
+    )
+    parser.add_argument(
+        "--profile-aggregator",
+        type=Path,
+        help="run the aggregator under cProfile, its stats written to this file",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -156,7 +179,13 @@ def main() -> int:
         timeline.start()
         print(f"mosquitto pid {fed.broker.pid}: open-files limit {fed.broker.fd_limit:,}")
         cpu_broker_idle = cpu_seconds(fed.broker.pid)
-        agg = fed.spawn_aggregator(
+        agg = (
+            spawn_profiled(fed, args.profile_aggregator) if args.profile_aggregator else fed.spawn
+        )(
+            "aggregator",
+            "start",
+            "--config",
+            str(fed.credentials(AGGREGATOR)),
             "--task",
             str(blobs_task(work)),
             "--rounds",
