@@ -36,12 +36,12 @@ DEVICES = 100
 
 def test_a_100_device_simulated_fleet_follows_two_rounds_to_the_exact_fedavg(federation, tmp_path):
     ids = [f"sim{i:05d}" for i in range(DEVICES)]
-    fed = federation(devices=ids)
+    fed = federation(devices=["sim00000"])  # --provision adds the other 99 to the live broker
     agg, agg_thread = fed.start_aggregator(tmp_path, rounds=2, min_devices=DEVICES)
     proc = subprocess.run(
         [sys.executable, "-m", "fedmq.cli", "simulate", "--home", str(fed.home.path)]
-        + ["--devices", str(DEVICES), "--prefix", "sim", "--processes", "2", "--rate", "0"]
-        + ["--timeout", "90"],
+        + ["--devices", str(DEVICES), "--prefix", "sim", "--provision", "--processes", "2"]
+        + ["--rate", "0", "--timeout", "90"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -49,6 +49,8 @@ def test_a_100_device_simulated_fleet_follows_two_rounds_to_the_exact_fedavg(fed
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert join(agg_thread, 60) == 0
+    assert f"provisioned {DEVICES - 1} devices" in proc.stdout
+    assert fed.home.devices() == ids
     # the simulator's own count, against the aggregator's independent record
     assert f"updates: {2 * DEVICES} sent, {2 * DEVICES} acknowledged" in proc.stdout
     assert "rounds answered {1: 100, 2: 100}; finished 100" in proc.stdout
