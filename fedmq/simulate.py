@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import resource
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -72,6 +73,9 @@ def _own_peak_rss_mb() -> float:
 
 def worker_main(spec: WorkerSpec, conn) -> None:
     """A worker process: connect its devices, follow rounds, report, leave cleanly."""
+    # Ctrl-C reaches the whole process group: the parent tells the workers to stop, so
+    # they leave cleanly (offline status, disconnect) instead of dying mid-loop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         report = _run_worker(spec, conn)
         conn.send(("done", asdict(report)))
