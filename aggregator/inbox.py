@@ -60,6 +60,13 @@ class Inbox:
                 self._cond.notify_all()
             return batch
 
+    def put_back(self, items: list[Inbound]) -> None:
+        """Return unhandled ``items`` (taken by ``take``) to the front, in their order."""
+        with self._cond:
+            for item in reversed(items):
+                self._items.appendleft(item)
+                self._bytes += len(item.payload)
+
     @property
     def bytes(self) -> int:
         return self._bytes

@@ -611,12 +611,27 @@ class Aggregator:
         batch = self._inbox.take(limit, timeout=0.1)
         if not batch:
             return
+        handled, deferred = [], []
         for item in batch:
+            if self._buffer_full(current) and self.topics.kind_of(item.topic) == "updates":
+                deferred.append(item)  # the next buffer's: neither handled nor acked yet
+                continue
             self._dispatch(item, current)
+            handled.append(item)
         current.journal.commit()  # group commit: one fsync for the whole batch
-        for item in batch:
+        for item in handled:
             if item.qos > 0:
                 self.client.ack(item.mid, item.qos)  # only now: its fate is on disk
+        if deferred:
+            self._inbox.put_back(deferred)
+            if not handled:  # paused with a full buffer: do not spin on what must wait
+                time.sleep(0.05)
+
+    def _buffer_full(self, current: _Round) -> bool:
+        """FedBuff's round takes the first ``buffer_size`` accepted updates and closes:
+        an update handled in the same batch after that waits for the next round."""
+        size = self.strategy.buffer_size
+        return size is not None and current.phase.name == "train" and current.accepted >= size
 
     def _dispatch(self, item: Inbound, current: _Round) -> None:
         """Route one message; whatever goes wrong with it costs that message, not the loop."""
