@@ -622,6 +622,7 @@ class Aggregator:
         for item in handled:
             if item.qos > 0:
                 self.client.ack(item.mid, item.qos)  # only now: its fate is on disk
+        self._inbox.done(handled)
         if deferred:
             self._inbox.put_back(deferred)
             if not handled:  # paused with a full buffer: do not spin on what must wait
@@ -761,6 +762,7 @@ class Aggregator:
                 max_payload=self.config.max_payload,
                 max_samples=self.config.max_samples,
                 compression=self.compressed,
+                copy=False,  # only read here; the journal keeps the payload itself
             )
             verdict = rounds.admit(
                 topic_device=topic_device or "",
@@ -1230,9 +1232,10 @@ class Aggregator:
 
 def inbox_budget(limit: int, model_bytes: int) -> int:
     """Payload bytes the inbox may hold: about one model, at least INBOX_FLOOR, at most
-    ``limit``. While the loop works on one batch the inbox fills again and the network
-    thread holds one more message, so updates in memory stay near three models; the
-    rest wait at the broker (TCP pushes back), not in this process."""
+    ``limit``. The messages the loop is handling count against it too, and the network
+    thread holds one more message (twice, in paho's buffers) while it waits for room, so
+    updates in memory stay near three models; the rest wait at the broker (TCP pushes
+    back), not in this process."""
     return min(limit, max(INBOX_FLOOR, model_bytes))
 
 

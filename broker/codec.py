@@ -15,9 +15,11 @@ import hashlib
 import json
 import math
 import struct
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import save as _st_save
 
@@ -103,8 +105,13 @@ def decode(
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     max_header: int = DEFAULT_MAX_HEADER,
     require_finite: bool = True,
+    copy: bool = True,
 ) -> Payload:
     """Parse and validate a payload; raise ``CodecError`` with a specific reason.
+
+    ``copy=False`` gives read-only tensors that share the payload's memory (aligned ones;
+    others are copied): for a caller that only reads them, as the aggregator does when it
+    admits an update, so that checking one costs no second copy of it.
 
     ``schema`` may be a function of the payload's metadata (which it may refuse), for
     payloads whose tensors depend on it (compressed updates: broker/compression.py)."""
@@ -152,6 +159,8 @@ def decode(
         chunk = data[begin:end]
         if end == begin:
             tensor = torch.empty(shape, dtype=torch_dtype)
+        elif not copy and _aligned(chunk, DTYPES[dtype][1]):
+            tensor = _shared(chunk, torch_dtype).reshape(shape)
         else:
             # one copy of exactly this tensor's bytes: never more than the payload holds
             tensor = torch.frombuffer(bytearray(chunk), dtype=torch_dtype).reshape(shape)
@@ -159,6 +168,17 @@ def decode(
             raise CodecError(f"tensor {name!r} holds NaN or Inf", reason="non_finite")
         tensors[name] = tensor
     return Payload(tensors=tensors, metadata=metadata)
+
+
+def _aligned(chunk: memoryview, itemsize: int) -> bool:
+    return np.frombuffer(chunk, dtype=np.uint8).ctypes.data % itemsize == 0
+
+
+def _shared(chunk: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over ``chunk``'s memory (read-only: torch warns that it cannot enforce it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(chunk, dtype=dtype)
 
 
 def _read_metadata(raw: object) -> dict[str, str]:
@@ -256,5 +276,6 @@ def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(json.dumps([name, dtype_name(t.dtype), list(t.shape)]).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hashed in place: no copy of the tensor's bytes
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.digest()
