@@ -10,6 +10,11 @@ the journal recognises the ones already accounted for.
 A round is a sequence of phases (``aggregator/phases.py``); the engine knows no
 strategy's math: the strategy (``aggregator/strategies/``) plans the round and
 turns its accepted updates, read back from the journal, into the next model.
+
+At a site (``AggregatorConfig.upstream``, ``aggregator/upstream.py``) each round starts
+with an ``upstream`` phase that waits for the root's model and takes the root's round
+number, and a closed round's result goes up to the root as one partial result instead
+of becoming the site's next model.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from aggregator.round_updates import JournalUpdates, ListUpdates
 from aggregator.secure_round import SecureFailure, SecureRound
 from aggregator.secure_settings import secure_settings
 from aggregator.strategies.base import RoundPlan, Strategy, Update
+from aggregator.upstream import Upstream, check_site_task
 from broker import codec, compression, compression_settings, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import CodecError, ConfigError, FedmqError
@@ -95,6 +101,8 @@ class AggregatorConfig:
     final_publish_timeout: float = FINAL_PUBLISH_TIMEOUT
     # architectures registered on this machine beyond the zoo's built-ins (name -> factory)
     architectures: zoo.Registry | None = None
+    # a site's edge aggregator: rounds follow the root's, results go up as partials
+    upstream: Upstream | None = None
 
 
 @dataclass
@@ -284,6 +292,9 @@ class Aggregator:
                 self.spec.min_devices,
             )
         self.task = self.spec.task
+        if config.upstream is not None:
+            check_site_task(self.task)
+            config.upstream.partials_dir = self.run_dir.path / "partials"
         self._task_json = self.task.to_json()
         self.compressed = compression_settings.parse(self.task.compression)  # checked on load
         self._model_hashes: dict[int, str] = {}  # round -> hash of the model it trained from
@@ -461,22 +472,26 @@ class Aggregator:
             self.current = current
 
     def _open_round(self, number: int) -> _Round | None:
-        if number > self.spec.rounds:
+        upstream = self.config.upstream is not None
+        if number > self.spec.rounds and not upstream:  # a site ends when its root does
             self._finish()
             return None
         journal = RoundJournal.open(self.run_dir.path, number)
+        phases = round_phases(
+            self.strategy,
+            self.config.deadline,
+            None if self.secure is None else self.secure.phase_deadline,
+        )
+        if upstream:
+            phases = (Phase("upstream", deadline=None, state="waiting"), *phases)
         current = _Round(
             number,
             "",  # known once the model is encoded, at announcement (no update can match before)
             journal,
-            round_phases(
-                self.strategy,
-                self.config.deadline,
-                None if self.secure is None else self.secure.phase_deadline,
-            ),
+            phases,
             plan=load_plan(journal.directory),  # a restarted round tells the devices the same
         )
-        if current.plan is not None:  # drawn before the crash: straight to training
+        if current.plan is not None and not upstream:  # drawn before the crash: to training
             current.phase_index = 1 if current.phases[0].name == "select" else 0
         self.on_event("round_open", {"round": number, "replayed": current.accepted})
         self._enter_phase(current)
@@ -580,6 +595,31 @@ class Aggregator:
             return
         self.client.publish(self.topics.model, current.model_payload, qos=1, retain=True)
         self.on_event("announce", {"round": current.number})
+
+    def _phase_upstream(self, current: _Round) -> _Round | None:
+        """A site: wait for the root's model for this round. The root may be further on (the
+        site started late or was away): the site's round takes the root's number, as its
+        devices' training seeds do. The root's final model ends the site's run."""
+        model = self.config.upstream.model_for(current.number, self.state.completed_round)
+        if model is None:
+            return current
+        if model.final or model.round != current.number:
+            if current.accepted:
+                log.warning(
+                    "round %d: the root moved on to %s; dropping the site's %d updates",
+                    current.number,
+                    "its end" if model.final else f"round {model.round}",
+                    current.accepted,
+                )
+            current.journal.remove()
+            self.weights = model.tensors
+            if model.final:
+                self._finish()  # the root's final model goes to the site's devices
+                return None
+            return self._open_round(model.round)
+        self.weights = model.tensors  # the site's devices train the root's model
+        self._next_phase(current)
+        return current
 
     def _phase_select(self, current: _Round) -> _Round:
         """Client sampling: once enough devices are known to be up, draw the round's sample."""
@@ -1086,6 +1126,16 @@ class Aggregator:
         chosen = getattr(self.strategy, "last_selected", None)  # Krum's pick, say
         if chosen is not None:
             row["chosen"] = list(chosen)
+        if self.config.upstream is not None:
+            # one partial result for the root's round, saved and sent before the checkpoint:
+            # a crash before it replays the journal into the same bytes, sent again
+            row["partial_bytes"] = self.config.upstream.forward(
+                current.number,
+                result.weights,
+                samples=result.samples,
+                devices=len(result.devices),
+                metrics=result.metrics,
+            )
         device_rows = [{"round": current.number, **r} for r in result.device_rows]
         self.devices.accepted(device_rows)
         self.run_dir.commit(
