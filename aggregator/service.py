@@ -614,7 +614,7 @@ class Aggregator:
             current.journal.remove()
             self.weights = model.tensors
             if model.final:
-                self._finish()  # the root's final model goes to the site's devices
+                self._finish(model.round)  # the root's final model goes to the site's devices
                 return None
             return self._open_round(model.round)
         self.weights = model.tensors  # the site's devices train the root's model
@@ -1164,8 +1164,10 @@ class Aggregator:
             return current
         return self._open_round(current.number + 1)
 
-    def _finish(self) -> None:
-        payload, _ = self._encode_model(self.spec.rounds + 1, final=True)
+    def _finish(self, number: int | None = None) -> None:
+        """Publish the final model (round one past the last: ``number`` at a site, the
+        root's own final round)."""
+        payload, _ = self._encode_model(number or self.spec.rounds + 1, final=True)
         self.phase = "done"
         if not self._publish(self.topics.model, payload, self.config.final_publish_timeout):
             log.error(
