@@ -144,6 +144,7 @@ class RoundResult:
     samples: int
     metrics: dict[str, float]  # sample-weighted means of the devices' metrics
     device_rows: list[dict]
+    carried: int | None = None  # devices behind the updates, when sites sent partials
 
 
 def aggregate_round(
@@ -157,19 +158,25 @@ def aggregate_round(
     updates arrived in another order) ends with exactly the model of an uninterrupted one."""
     weights = strategy.aggregate(current, updates)
     means, rows, samples = WeightedMetrics(), [], 0
-    for device, num_samples, metrics, trained_for in updates.summaries():
+    summaries = updates.summaries()
+    partials = getattr(updates, "partials", {})  # read with the summaries
+    for device, num_samples, metrics, trained_for in summaries:
         means.fold(metrics, num_samples)
         samples += num_samples
         row = {"device": device, "num_samples": num_samples, "metrics": metrics}
         if trained_for != updates.round:  # fedbuff: a stale update, trained on an older model
             row["staleness"] = updates.round - trained_for
+        if device in partials:  # a site's partial result: how many devices it holds
+            row["partial_devices"] = partials[device]
         rows.append(row)
+    carried = sum(partials.get(row["device"], 1) for row in rows) if partials else None
     return RoundResult(
         weights=weights,
         devices=[row["device"] for row in rows],
         samples=samples,
         metrics=means.means(),
         device_rows=rows,
+        carried=carried,
     )
 
 
@@ -1107,6 +1114,8 @@ class Aggregator:
         }
         if current.selected is not None:
             row["selected"] = list(current.selected)
+        if result.carried is not None:  # sites' partial results: the devices behind them
+            row["devices_behind_partials"] = result.carried
         if current.secure is not None:
             current.phase_seconds["unmask"] = round(time.monotonic() - current.phase_started, 3)
             row["secure_aggregation"] = {
@@ -1128,7 +1137,8 @@ class Aggregator:
             row["chosen"] = list(chosen)
         if self.config.upstream is not None:
             # one partial result for the root's round, saved and sent before the checkpoint:
-            # a crash before it replays the journal into the same bytes, sent again
+            # a crash before it replays the journal into the same result, sent again (the
+            # root counts a site's second update of a round as a duplicate)
             row["partial_bytes"] = self.config.upstream.forward(
                 current.number,
                 result.weights,

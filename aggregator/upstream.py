@@ -21,8 +21,9 @@ site's aggregator account, on the root's topics the bridge carries:
   root waits for the site's partial as it waits for a present device.
 
 A partial is written to ``<run_dir>/partials/`` before it is published: a site
-restarted before the root closed that round sends the same bytes again (the
-root counts a payload once). The root's final model ends the site's run.
+restarted before the root closed that round sends those bytes again (a copy the
+root already has is not news to it, and a second update of the site in the same
+round is a duplicate, counted once). The root's final model ends the site's run.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def partial_update(
     site_federation: str,
     sign_key=None,
 ) -> bytes:
-    """The root update that carries a site's round: pure (the signature is deterministic)."""
+    """The root update that carries a site's round. Pure: the same result gives the same
+    content and signature (Ed25519 is deterministic)."""
     meta = messages.update_metadata(
         round_=root.round,
         device_id=site,
@@ -98,18 +100,6 @@ def partial_update(
     if sign_key is not None:
         meta["signature"] = signing.sign(sign_key, weights, meta)
     return codec.encode(weights, meta)
-
-
-def parse_partial(metadata: Mapping[str, str]) -> int | None:
-    """The number of devices a partial result carries, or None for a device's own update."""
-    text = metadata.get("partial")
-    if not text:
-        return None
-    try:
-        devices = json.loads(text)["devices"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return devices if isinstance(devices, int) and devices >= 1 else None
 
 
 class Upstream:
@@ -254,7 +244,7 @@ class Upstream:
             site_federation=self.site_federation,
             sign_key=self._sign_key,
         )
-        if self.partials_dir is not None:  # durable first: a restart sends the same bytes
+        if self.partials_dir is not None:  # durable first: a restart sends it again
             self.partials_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self._partial_path(number), payload)
         self._resent.add(number)

@@ -86,6 +86,7 @@ def test_two_sites_end_with_the_flat_model(federation, tmp_path):
     root_rows, flat_rows = root_agg.run_dir.metrics(), flat_agg.run_dir.metrics()
     assert [r["contributors"] for r in root_rows] == [["site-a", "site-b"]] * ROUNDS
     assert [r["samples"] for r in root_rows] == [r["samples"] for r in flat_rows]
+    assert [r["devices_behind_partials"] for r in root_rows] == [4] * ROUNDS
     for agg, upstream in zip(site_aggs, upstreams):
         rows = agg.run_dir.metrics()
         assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
