@@ -1248,7 +1248,9 @@ class Aggregator:
             "run_id": self.spec.run_id,
             "instance": self.instance,
             "round": self.state.completed_round + (0 if self.phase == "done" else 1),
-            "rounds": self.spec.rounds,
+            # a site follows its root's rounds, however many they are
+            "rounds": self.spec.rounds if self.config.upstream is None else None,
+            "upstream": None if self.config.upstream is None else self.config.upstream.describe(),
             "completed_rounds": self.state.completed_round,
             "phase": self.phase,
             "strategy": self.strategy.name,

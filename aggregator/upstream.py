@@ -148,6 +148,18 @@ class Upstream:
         self.client.on_message = self._on_message
         self._watch: ConnectionWatch | None = None
 
+    def describe(self) -> dict:
+        """For the site's state topic: whose site this is and what went up."""
+        last = self.forwarded[-1] if self.forwarded else None
+        return {
+            "root_federation": self.root.federation,
+            "site": self.site,
+            "root_round": None if self._latest is None else self._latest.round,
+            "partials_sent": len(self.forwarded),
+            "last_partial": None if last is None else {"round": last[0], "bytes": last[1]},
+            "refused_root_models": self.refused,
+        }
+
     def _status(self, status: str) -> bytes:
         return signals.encode_status(status, self.site, reason=f"site {self.site_federation}")
 

@@ -93,6 +93,8 @@ def test_two_sites_end_with_the_flat_model(federation, tmp_path):
         assert all(r["devices"] == 2 and r["partial_bytes"] > 0 for r in rows)
         assert [n for n, _ in upstream.forwarded] == list(range(1, ROUNDS + 1))
         assert agg.phase == "done"
+        state = agg.state_snapshot()
+        assert state["rounds"] is None and state["upstream"]["partials_sent"] == ROUNDS
     # what the root accepted is exactly what the sites sent: one partial a site a round
     assert root_agg.state.totals["accepted"] == 2 * ROUNDS
     print(
