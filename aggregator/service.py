@@ -561,6 +561,8 @@ class Aggregator:
         """The model that round ``number``'s devices trained from."""
         if number == self.state.completed_round + 1:
             return self.weights
+        if self.current is not None and number == self.current.number:
+            return self.weights  # a site that took up the root's round after a gap
         if number not in self._bases:
             self._bases[number] = self.run_dir.checkpoint(number - 1)  # cleared at close
         return self._bases[number]

@@ -40,7 +40,7 @@ import torch
 from aggregator.durable import atomic_write
 from broker import codec, messages, signals, signing
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
-from broker.errors import CodecError, ConfigError
+from broker.errors import CodecError, ConfigError, FedmqError
 from broker.home import load_credentials
 from broker.limits import DEFAULT_MAX_PAYLOAD
 from broker.task import TaskSpec
@@ -134,6 +134,7 @@ class Upstream:
         self._arrived = threading.Event()
         self._given: dict[int, messages.ModelMessage] = {}  # round -> the model the site used
         self._resent: set[int] = set()
+        self._run_id: str | None = None  # the root run this site's run follows
         self.partials_dir: Path | None = None  # set by the engine: <run_dir>/partials
         self.refused = 0  # root models that failed their checks
         self.forwarded: list[tuple[int, int]] = []  # (round, payload bytes)
@@ -227,6 +228,7 @@ class Upstream:
             model = self._latest
         if model is None:
             return None
+        self._check_run(model)
         if model.final or model.round >= number:
             self._given[model.round] = model
             return model
@@ -234,6 +236,24 @@ class Upstream:
             self._resent.add(completed)
             self._resend(completed)
         return None
+
+    def _check_run(self, model: messages.ModelMessage) -> None:
+        """A site's run follows one run of the root: the first root model it uses fixes it
+        (kept in the partials directory), and a model of another run stops the site."""
+        if self.partials_dir is None or model.run_id == self._run_id:
+            return
+        path = self.partials_dir / "root_run_id"
+        if not path.exists():
+            self.partials_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, model.run_id.encode())
+        followed = path.read_text().strip()
+        if model.run_id == followed:
+            self._run_id = followed
+        else:
+            raise FedmqError(
+                f"the root {self.root.federation!r} started another run ({model.run_id}; this "
+                f"site's run followed {followed}): start the site aggregator with a new --run-dir"
+            )
 
     def forward(
         self,

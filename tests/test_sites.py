@@ -13,10 +13,19 @@ import time
 import pytest
 import torch
 
+from broker import signals
+from broker.errors import FedmqError
 from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.loadgen import expected_average, publish_all, signed_update
-from tests.helpers import blobs_task, current_model, join, wait_for, write_blobs
+from tests.helpers import (
+    blobs_task,
+    current_model,
+    join,
+    publish_as,
+    wait_for,
+    write_blobs,
+)
 from tests.sites_helpers import Forwarder, make_site, site_upstream
 
 pytestmark = pytest.mark.mosquitto
@@ -191,3 +200,71 @@ def test_a_site_survives_its_uplink_dropping_mid_round(federation, tmp_path):
     assert [n for n, _ in upstream.forwarded] == [1, 2]
     assert root_agg.state.totals["accepted"] == 2
     assert site_agg.phase == "done"
+
+
+def test_a_site_joins_late_beside_a_direct_device_and_resumes(federation, tmp_path):
+    """The root has a device of its own and a site that comes up at round 2: the site's
+    first round is the root's round 2. The site stops after it and resumes for round 3."""
+    root = federation(devices=["direct"], name="root")
+    root_agg = root.aggregator(
+        tmp_path / "run-root", TaskSpec.load(blobs_task(tmp_path)), rounds=3, min_devices=1
+    )
+    root_thread = root.in_thread(root_agg.run, timeout=120)
+    direct_topic = Topics("root").update("direct")
+
+    def direct_update(model, scale, n):
+        _, payload = signed_update(root.credentials("direct"), model, num_samples=n, scale=scale)
+        assert publish_all([(root.credentials("direct"), direct_topic, payload)]) == []
+
+    online = signals.encode_status("online", "direct")  # the root waits for it, too
+    publish_as(root, "direct", Topics("root").status("direct"), online, retain=True)
+    wait_for(lambda: root_agg.status.get("direct") == "online", 20, "direct online")
+    model1 = current_model(root, "direct")
+    direct_update(model1, 0.03, 40)
+    wait_for(lambda: root_agg.state.completed_round == 1, 30, "round 1 without the site")
+
+    site = make_site(root, tmp_path / "farm-a", "farm-a", "site-a", ["d1"])
+    run_dir = tmp_path / "run-farm-a"
+    upstream = site_upstream(site)
+    try:
+        task = upstream.first_model(30).task
+        site_agg = site.aggregator(run_dir, task, upstream=upstream, min_devices=1, stop_after=2)
+        site_thread = site.in_thread(site_agg.run, timeout=60)
+        wait_for(lambda: root_agg.status.get("site-a") == "online", 20, "the site at the root")
+        expected = {}
+        for number, resumed in ((2, False), (3, True)):
+            site_model = _site_model(site, number)
+            root_model = current_model(root, "direct")
+            assert root_model.round == number
+            _publish_site_updates(site, site_model, [(-0.01, 60)])
+            direct_update(root_model, 0.03, 40)
+            expected[number] = expected_average(root_model, [(0.03, 40), (-0.01, 60)])
+            if not resumed:
+                assert join(site_thread, 30) == 0  # stop_after=2: it leaves after round 2
+                upstream.stop()
+                wait_for(lambda: root_agg.current.number == 3, 30, "the root's round 3")
+                upstream = site_upstream(site)
+                site_agg = site.aggregator(run_dir, None, upstream=upstream, resume=True)
+                site_thread = site.in_thread(site_agg.run, timeout=60)
+                wait_for(lambda: root_agg.status.get("site-a") == "online", 20, "site back")
+        assert join(root_thread, 60) == 0
+        assert join(site_thread, 30) == 0
+        # a site run dir follows one root run: another run's models stop it, saying why
+        (run_dir / "partials" / "root_run_id").write_text("another-run")
+        upstream.stop()
+        upstream = site_upstream(site)
+        stray = site.aggregator(run_dir, None, upstream=upstream, resume=True)
+        with pytest.raises(FedmqError, match="started another run"):
+            join(site.in_thread(stray.run, timeout=30), 40)
+    finally:
+        site.close()
+        upstream.stop()
+
+    rows = root_agg.run_dir.metrics()
+    assert [r["contributors"] for r in rows] == [["direct"]] + [["direct", "site-a"]] * 2
+    assert [r["round"] for r in site_agg.run_dir.metrics()] == [2, 3]  # joined at round 2
+    for number in (2, 3):
+        ckpt = root_agg.run_dir.checkpoint(number)
+        for name, tensor in expected[number].items():
+            torch.testing.assert_close(ckpt[name], tensor, rtol=0, atol=1e-6)
+    assert root_agg.state.totals["accepted"] == 5  # 3 direct + 2 partials, each counted once
