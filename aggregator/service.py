@@ -300,7 +300,7 @@ class Aggregator:
             )
         self.task = self.spec.task
         if config.upstream is not None:
-            check_site_task(self.task)
+            check_site_task(self.task, secure_at_site=True)
             config.upstream.partials_dir = self.run_dir.path / "partials"
         self._task_json = self.task.to_json()
         self.compressed = compression_settings.parse(self.task.compression)  # checked on load

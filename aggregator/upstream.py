@@ -28,6 +28,7 @@ round is a duplicate, counted once). The root's final model ends the site's run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -51,25 +52,42 @@ log = logging.getLogger("fedmq.upstream")
 SITE_STRATEGIES = ("fedavg",)
 
 
-def check_site_task(task: TaskSpec) -> None:
+def check_site_task(task: TaskSpec, *, secure_at_site: bool = False) -> None:
     """ConfigError unless a site can fold this task's updates into one partial result.
 
     A site's partial is its devices' sample-weighted mean with their summed weight, which
     the root's FedAvg turns into exactly the flat result. Strategies that are not such a
-    sum (robust ones, fedbuff), per-device clipping and noise, compression (the root
-    expects an update encoded as the task says) and secure aggregation (a per-site
-    secure sum: not built yet) would silently change the result, so they are refused."""
+    sum (robust ones, fedbuff), per-device clipping and noise and compression (the root
+    expects an update encoded as the task says) would silently change the result, so they
+    are refused. Secure aggregation run by the root is refused (its devices would be the
+    sites); a site's own secure sum among its devices (``site_task``) is what
+    ``secure_at_site`` allows in the site's task."""
     strategy = dict(task.strategy)
     name = strategy.pop("name", "fedavg")
     problems = []
     if name not in SITE_STRATEGIES or strategy:
         shown = ", ".join(f"{k} = {v!r}" for k, v in {"name": name, **strategy}.items())
         problems.append(f"[strategy] must be plain fedavg at a site (the root's task has {shown})")
-    for table in ("privacy", "secure_aggregation", "compression"):
+    for table in ("privacy", "compression"):
         if getattr(task, table):
             problems.append(f"[{table}] is not supported at a site yet")
+    if task.secure_aggregation and not secure_at_site:
+        problems.append(
+            "[secure_aggregation] of the root is not supported with sites: run the secure "
+            "sums at the sites instead (`fedmq aggregator start --upstream ... --secure-sum`)"
+        )
     if problems:
         raise ConfigError("the root's task cannot run through a site: " + "; ".join(problems))
+
+
+def site_task(root_task: TaskSpec, secure: Mapping | None = None) -> TaskSpec:
+    """The task a site announces to its devices: the root's, plus the site's own
+    ``[secure_aggregation]`` table when its devices' sum is to be secure (SecAgg+ among
+    the site's devices: the edge aggregator learns only the site's sum)."""
+    check_site_task(root_task)
+    if not secure:
+        return root_task
+    return dataclasses.replace(root_task, secure_aggregation=dict(secure))
 
 
 def partial_update(
@@ -240,7 +258,11 @@ class Upstream:
     def _check_run(self, model: messages.ModelMessage) -> None:
         """A site's run follows one run of the root: the first root model it uses fixes it
         (kept in the partials directory), and a model of another run stops the site."""
-        if self.partials_dir is None or model.run_id == self._run_id:
+        if model.run_id == self._run_id:
+            return
+        check_site_task(model.task)  # the root's: a site refuses what it cannot fold
+        if self.partials_dir is None:
+            self._run_id = model.run_id
             return
         path = self.partials_dir / "root_run_id"
         if not path.exists():

@@ -394,6 +394,12 @@ def aggregator() -> None:
     "Rounds follow the root's, the task is the root's, and each round's result goes up as "
     "one signed partial result.",
 )
+@click.option(
+    "--secure-sum",
+    is_flag=True,
+    help="With --upstream: the site's devices send masked inputs (SecAgg+, the task's "
+    "[secure_aggregation] defaults) and the site learns only their sum, which it forwards.",
+)
 @arch_option
 @fedmq_errors
 def aggregator_start(
@@ -411,6 +417,7 @@ def aggregator_start(
     device_keys,
     insecure,
     upstream_file,
+    secure_sum,
     arch,
 ) -> None:
     """Run rounds: announce the model, collect updates, average them, checkpoint, repeat.
@@ -441,7 +448,11 @@ def aggregator_start(
             raise ConfigError(
                 "--upstream: a site takes its task and rounds from the root; drop --task/--rounds"
             )
-        upstream, task_file = _site_upstream(upstream_file, settings, federation, deadline)
+        upstream, task_file = _site_upstream(
+            upstream_file, settings, federation, deadline, secure_sum and not resume
+        )
+    elif secure_sum:
+        raise ConfigError("--secure-sum is for a site's aggregator: add --upstream FILE")
     if task_file is None and not resume:
         raise ConfigError("a new run needs --task FILE (or --resume to continue one)")
     task = TaskSpec.load(task_file) if isinstance(task_file, Path) else task_file
@@ -490,9 +501,10 @@ def aggregator_start(
     )
 
 
-def _site_upstream(upstream_file: Path, settings, federation: str, deadline: float):
-    """(Upstream, the root's task) for a site's aggregator: connect, wait for the root."""
-    from aggregator.upstream import Upstream, check_site_task
+def _site_upstream(upstream_file: Path, settings, federation: str, deadline: float, secure):
+    """(Upstream, the site's task: the root's, with a secure sum at the site if asked)
+    for a site's aggregator: connect, wait for the root's model."""
+    from aggregator.upstream import Upstream, site_task
 
     upstream = Upstream(upstream_file, settings, site_federation=federation)
     upstream.start()
@@ -501,12 +513,12 @@ def _site_upstream(upstream_file: Path, settings, federation: str, deadline: flo
             f"site {federation!r}: waiting for the root {upstream.root.federation!r}'s model"
         )
         root = upstream.first_model(timeout=deadline or 3600)
-        check_site_task(root.task)
+        task = site_task(root.task, {"enabled": True} if secure else None)
     except BaseException:
         upstream.stop()
         raise
     click.echo(f"site {federation!r}: the root is at round {root.round}; following it")
-    return upstream, root.task
+    return upstream, task
 
 
 def status_options(func):
