@@ -48,7 +48,10 @@ def _agents(fed, data, devices):
 
 
 def test_two_sites_end_with_the_flat_model(federation, tmp_path):
-    data = write_blobs(tmp_path / "data", DEVICES)
+    # unequal sites (3 devices of 40 samples, 1 of 70): weighting a site by anything but
+    # its devices' total samples (its device count, say, or 1) would change the model
+    data = write_blobs(tmp_path / "data", DEVICES[:3], samples=40)
+    data |= write_blobs(tmp_path / "data-b", DEVICES[3:], samples=70, seed=1)
     task = TaskSpec.load(blobs_task(tmp_path))
 
     # the flat run: every device on the root's broker
@@ -63,8 +66,8 @@ def test_two_sites_end_with_the_flat_model(federation, tmp_path):
     # two sites of two devices each, bridged to the root, whose devices are the sites
     root = federation(devices=[], name="root")
     sites = [
-        make_site(root, tmp_path / "farm-a", "farm-a", "site-a", DEVICES[:2]),
-        make_site(root, tmp_path / "farm-b", "farm-b", "site-b", DEVICES[2:]),
+        make_site(root, tmp_path / "farm-a", "farm-a", "site-a", DEVICES[:3]),
+        make_site(root, tmp_path / "farm-b", "farm-b", "site-b", DEVICES[3:]),
     ]
     root_agg = root.aggregator(tmp_path / "run-root", task, rounds=ROUNDS, min_devices=2)
     root_thread = root.in_thread(root_agg.run, timeout=120)
@@ -72,7 +75,8 @@ def test_two_sites_end_with_the_flat_model(federation, tmp_path):
     try:
         for site in sites:
             upstreams.append(site_upstream(site))
-            agg, thread = _site_aggregator(site, tmp_path, upstreams[-1], min_devices=2)
+            quorum = len(site.devices)
+            agg, thread = _site_aggregator(site, tmp_path, upstreams[-1], min_devices=quorum)
             site_aggs.append(agg)
             threads.append(thread)
             threads += _agents(site, data, site.devices)
@@ -96,10 +100,10 @@ def test_two_sites_end_with_the_flat_model(federation, tmp_path):
     assert [r["contributors"] for r in root_rows] == [["site-a", "site-b"]] * ROUNDS
     assert [r["samples"] for r in root_rows] == [r["samples"] for r in flat_rows]
     assert [r["devices_behind_partials"] for r in root_rows] == [4] * ROUNDS
-    for agg, upstream in zip(site_aggs, upstreams):
+    for agg, upstream, site in zip(site_aggs, upstreams, sites):
         rows = agg.run_dir.metrics()
         assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
-        assert all(r["devices"] == 2 and r["partial_bytes"] > 0 for r in rows)
+        assert all(r["devices"] == len(site.devices) and r["partial_bytes"] > 0 for r in rows)
         assert [n for n, _ in upstream.forwarded] == list(range(1, ROUNDS + 1))
         assert agg.phase == "done"
         state = agg.state_snapshot()
