@@ -89,6 +89,18 @@ def broker() -> None:
     "the plaintext listener takes a password alone).",
 )
 @click.option("--no-plaintext", is_flag=True, help="Never open an unencrypted listener.")
+@click.option(
+    "--bridge-credentials",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Make a site's broker: the site's credentials at the root federation (made there "
+    "with `fedmq broker add-device SITE`; the files it names sit beside it). They are copied "
+    "into DIRECTORY/upstream/ and the broker bridges to the root's with them.",
+)
+@click.option(
+    "--bridge-to",
+    metavar="HOST:PORT",
+    help="The root broker's address as this site dials it. [default: the bundle's]",
+)
 @_errors
 def init(
     directory: Path,
@@ -97,9 +109,18 @@ def init(
     no_tls: bool,
     client_certs: bool,
     no_plaintext: bool,
+    bridge_credentials: Path | None,
+    bridge_to: str | None,
 ) -> None:
     """Create a broker home in DIRECTORY: CA and server certificate, password file, ACL,
-    signing keys, and the aggregator and operator accounts."""
+    signing keys, and the aggregator and operator accounts.
+
+    \b
+    A site (its own broker and edge aggregator, bridged to the root federation):
+      (at the root)  fedmq broker add-device site-a --home ./root-broker
+      (at the site)  fedmq broker init ./site-broker --federation farm-a \\
+                         --bridge-credentials site-a.toml --bridge-to root.example:8883
+    """
     home = BrokerHome.create(
         directory,
         federation,
@@ -107,11 +128,19 @@ def init(
         tls=not no_tls,
         client_certs=client_certs,
         plaintext=not no_plaintext,
+        bridge_to=bridge_to,
+        bridge_credentials=bridge_credentials,
     )
     _describe(home)
     click.echo("next:")
     click.echo(f"  fedmq broker up --home {_q(home.path)}")
     click.echo(f"  fedmq broker add-device DEVICE_ID --home {_q(home.path)}")
+    if home.upstream_path is not None:
+        aggregator = home.credentials_path("fedmq-aggregator")
+        click.echo(
+            f"  fedmq aggregator start --config {_q(aggregator)} "
+            f"--upstream {_q(home.upstream_path)} --run-dir RUN_DIR"
+        )
 
 
 def _describe(home: BrokerHome) -> None:
@@ -123,6 +152,13 @@ def _describe(home: BrokerHome) -> None:
     )
     if home.tls:
         click.echo(f"  CA certificate: {home.ca_path}")
+    bridge = home.bridge()
+    if bridge is not None:
+        click.echo(
+            f"  bridge: to {bridge.address} as {bridge.site!r} of the root federation "
+            f"{bridge.root_federation!r} ({'TLS' if bridge.ca_file else 'plaintext'}); "
+            f"root credentials: {home.upstream_path}"
+        )
     click.echo("  credentials (secret, 0600):")
     accounts = sorted(home.accounts().items(), key=lambda kv: (kv[1], kv[0]))
     devices = [a for a, role in accounts if role == "device"]

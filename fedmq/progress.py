@@ -30,7 +30,9 @@ class RoundProgress:
             transient=False,
         )
         self.task_id = self.progress.add_task(
-            "starting", total=service.spec.rounds, completed=service.state.completed_round
+            "starting",
+            total=None if service.config.upstream is not None else service.spec.rounds,
+            completed=service.state.completed_round,
         )
 
     def __enter__(self) -> RoundProgress:
