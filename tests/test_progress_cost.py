@@ -21,6 +21,7 @@ def test_ten_thousand_updates_redraw_the_line_a_bounded_number_of_times():
     status = CountingStatus({f"d{i:05d}": "online" for i in range(10_000)})
     service = SimpleNamespace(
         spec=SimpleNamespace(rounds=2, min_devices=10_000),
+        config=SimpleNamespace(upstream=None),
         state=SimpleNamespace(completed_round=0),
         current=SimpleNamespace(accepted=0),
         status=status,
