@@ -172,6 +172,9 @@ def summary(report) -> list[str]:
         lines.append(
             f"state messages received: {t['state_messages']:,} ({t['state_bytes'] / 2**20:.1f} MiB)"
         )
+    if t.get("retried"):
+        notes = [n for w in report.workers for n in w.get("tally", {}).get("retry_notes", [])]
+        lines.append(f"dials retried: {t['retried']:,} (first: {notes[0] if notes else '?'})")
     if t.get("models_refused"):
         lines.append(f"models refused: {t['models_refused']:,}")
     lines.append(f"took {report.seconds:.1f} s; errors: {t.get('error_count', 0):,}")

@@ -67,12 +67,21 @@ class Tally:
     ack_times: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     error_count: int = 0
+    # dials that failed for now and were tried again (a busy broker, a full accept queue):
+    # not errors unless the device never gets in
+    retried: int = 0
+    retry_notes: list[str] = field(default_factory=list)
 
     @staticmethod
     def stamp(times: dict, round_: int) -> None:
         now = time.time()
         span = times.setdefault(round_, [now, now])
         span[1] = now
+
+    def retry(self, message: str) -> None:
+        self.retried += 1
+        if len(self.retry_notes) < 3:
+            self.retry_notes.append(message)
 
     def error(self, message: str) -> None:
         self.error_count += 1

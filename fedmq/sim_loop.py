@@ -66,12 +66,14 @@ class ClientLoop:
         self,
         *,
         rate: float = 500.0,
-        max_dialling: int = 64,
+        max_dialling: int = 16,
         on_error: Callable[[Any, str, bool], None] | None = None,
     ):
         self.selector = selectors.DefaultSelector()
         self.rate = rate  # new connections per second (0: no pacing)
-        self.max_dialling = max_dialling  # connections being made at once
+        # connections being made at once: a few workers' worth stays inside mosquitto's
+        # listen backlog (100); past it SYNs are dropped and a dial waits for the retransmit
+        self.max_dialling = max_dialling
         # (client, message, permanent): a permanent failure (the broker's certificate does
         # not verify) is not redialled; a transient one is, with backoff
         self.on_error = on_error or (lambda client, message, permanent: None)

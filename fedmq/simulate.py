@@ -98,8 +98,12 @@ def _run_worker(spec: WorkerSpec, conn) -> WorkerReport:
 
     def on_error(client, message: str, permanent: bool) -> None:
         device = by_client.get(id(client))
-        tally.error(f"{device.device_id if device else '?'}: {message}")
-        if permanent and device is not None:
+        who = device.device_id if device else "?"
+        if not permanent:
+            tally.retry(f"{who}: {message}")  # redialled with backoff
+            return
+        tally.error(f"{who}: {message}")
+        if device is not None:
             device.give_up()
 
     loop = ClientLoop(rate=spec.rate, on_error=on_error)

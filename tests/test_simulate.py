@@ -121,7 +121,9 @@ def test_one_loop_redials_every_client_after_a_broker_restart(federation):
     ids = [f"r{i:02d}" for i in range(20)]
     fed = federation(devices=ids)
     tally = Tally(devices=len(ids))
-    loop = ClientLoop(rate=0, on_error=lambda c, m, permanent: tally.error(m))
+    loop = ClientLoop(
+        rate=0, on_error=lambda c, m, permanent: tally.error(m) if permanent else tally.retry(m)
+    )
     creds = [load_credentials(fed.credentials(d)) for d in ids]
     context = tls_context(creds[0]["ca_file"], None, None)
     models = ModelCache(None)
