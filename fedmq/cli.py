@@ -442,6 +442,7 @@ def aggregator_start(
     """
     import torch
 
+    from aggregator.allocator import fix_mmap_threshold
     from aggregator.service import Aggregator, AggregatorConfig
     from broker import zoo
     from broker.errors import ConfigError, TaskError
@@ -477,6 +478,7 @@ def aggregator_start(
     sign_model, verify_update = aggregator_hooks(
         signing_key or config.get("signing_key"), device_keys or config.get("device_keys")
     )
+    fix_mmap_threshold()  # a long run's heap must not keep what its busiest round held
     service = Aggregator(
         AggregatorConfig(
             connection=settings,
