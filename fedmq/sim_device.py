@@ -26,12 +26,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from broker import codec, messages, signals
+from broker import messages, signals
 from broker.connection import connect_properties
 from broker.errors import CodecError
 from broker.limits import DEFAULT_MAX_PAYLOAD
 from broker.topics import Topics
-from fedmq.secagg_fleet import synthetic_samples, trained_weights
+from fedmq.secagg_fleet import synthetic_update
 from fedmq.signing_hooks import agent_hooks
 from fedmq.sim_loop import ClientLoop, SimClient
 
@@ -263,19 +263,7 @@ class VirtualDevice:
         self.tally.published += 1
 
     def _update(self, model: messages.ModelMessage) -> bytes:
-        tensors = trained_weights(self.index, model.tensors)
-        meta = messages.update_metadata(
-            round_=model.round,
-            device_id=self.device_id,
-            num_samples=synthetic_samples(self.index),
-            base_hash=model.model_hash,
-            metrics={"train_loss": 0.5},
-            federation=model.federation,
-            run_id=model.run_id,
-        )
-        if self.sign is not None:
-            meta["signature"] = self.sign(tensors, meta)
-        return codec.encode(tensors, meta)
+        return synthetic_update(self.index, self.device_id, model, self.sign)
 
     def give_up(self) -> None:
         """Refused for good (bad credentials, not authorized, TLS): no more redials."""
