@@ -44,6 +44,7 @@ from broker import codec, compression, compression_settings, messages, signals, 
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import CodecError, ConfigError, FedmqError
 from broker.retained import read_retained
+from broker.retained_mirror import RetainedMirror
 from broker.secagg import wire as secagg_wire
 from broker.secagg.plan import MIN_ROSTER, SecurePlan
 from broker.task import TaskSpec
@@ -310,6 +311,15 @@ class Aggregator:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # a cluster that keeps retained messages node-local: copy them to every node
+        self._mirror = RetainedMirror(
+            config.connection,
+            f"fedmq-aggregator-{config.federation}",
+            log,
+            will=(self.topics.aggregator, self.presence.encode(status="offline")),
+            throttle={self.topics.state: HEARTBEAT},
+        )
+        self._mirror.attach(self.client)
 
     @property
     def instance(self) -> str:
@@ -377,6 +387,7 @@ class Aggregator:
                 receive_maximum=RECEIVE_MAXIMUM,
             )
             self.client.loop_start()
+            self._mirror.start()
             try:
                 watch.wait_connected(CONNECT_TIMEOUT)
                 code = self._loop(timeout)
@@ -404,6 +415,7 @@ class Aggregator:
             self._stop.set()
             self.client.disconnect()
             self.client.loop_stop()
+            self._mirror.stop(timeout=0)
             return
         self._publish_state(force=True)
         if self._connected.is_set():
@@ -411,6 +423,7 @@ class Aggregator:
         self._stop.set()  # from here on a disconnect is ours, not a lost link
         self.client.disconnect()
         self.client.loop_stop()
+        self._mirror.stop()
 
     def stop(self) -> None:
         self._stop.set()

@@ -177,6 +177,18 @@ def settings_from_credentials(
         where = credentials if not isinstance(credentials, Mapping) else "the credentials"
         raise ConfigError(f"{where}: no broker address: pass --broker HOST:PORT")
     host, port = parse_address(address)
+    where = credentials if not isinstance(credentials, Mapping) else "the credentials"
+    version = creds.get("mqtt_version")
+    if version is not None and (isinstance(version, bool) or version not in (3, 5)):
+        raise ConfigError(f"{where}: mqtt_version is {version!r}: use 3 (MQTT 3.1.1) or 5")
+    cluster = creds.get("cluster") or []
+    if not isinstance(cluster, list) or not all(isinstance(a, str) for a in cluster):
+        raise ConfigError(f'{where}: cluster must be a list of "HOST:PORT" strings')
+    for node in cluster:
+        try:
+            parse_address(node)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: cluster: {exc}") from None
     return ConnectionSettings(
         host=host,
         port=port,
@@ -185,6 +197,8 @@ def settings_from_credentials(
         ca_file=creds.get("ca_file"),
         cert_file=creds.get("cert_file"),
         key_file=creds.get("key_file"),
+        mqtt_version=version,
+        cluster=tuple(cluster),
     )
 
 
