@@ -96,8 +96,12 @@ def settings_from(
     ca_file: str | Path | None = None,
     cert_file: str | Path | None = None,
     key_file: str | Path | None = None,
+    mqtt_version: Any = None,
+    cluster: Any = None,
+    where: str = "the credentials",
 ) -> ConnectionSettings:
-    """Settings from CLI/config values; a password may come from a 0600 file instead of argv."""
+    """Settings from CLI/config values; a password may come from a 0600 file instead of argv.
+    ``mqtt_version`` and ``cluster`` are the credentials file's values, checked here."""
     host, port = parse_address(broker)
     if password is None and password_file:
         try:
@@ -113,7 +117,36 @@ def settings_from(
             paths[name] = p
         else:
             paths[name] = None
-    return ConnectionSettings(host, port, username, password, **paths)
+    return ConnectionSettings(
+        host,
+        port,
+        username,
+        password,
+        **paths,
+        mqtt_version=check_mqtt_version(mqtt_version, where),
+        cluster=check_cluster(cluster, where),
+    )
+
+
+def check_mqtt_version(value: Any, where: str) -> int | None:
+    """A credentials file's ``mqtt_version``: 3, 5 or absent."""
+    if value is not None and (isinstance(value, bool) or value not in (3, 5)):
+        raise ConfigError(f"{where}: mqtt_version is {value!r}: use 3 (MQTT 3.1.1) or 5")
+    return value
+
+
+def check_cluster(value: Any, where: str) -> tuple[str, ...]:
+    """A credentials file's ``cluster``: the "HOST:PORT" of every node of a clustered broker."""
+    if not value:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ConfigError(f'{where}: cluster must be a list of "HOST:PORT" strings')
+    for node in value:
+        try:
+            parse_address(node)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: cluster: {exc}") from None
+    return tuple(value)
 
 
 def requested_version(settings: ConnectionSettings) -> int | None:
@@ -133,7 +166,7 @@ def requested_version(settings: ConnectionSettings) -> int | None:
 # addresses where this process saw a broker refuse MQTT 5 and accept 3.1.1: later
 # clients of the same broker start with 3.1.1 (one fallback per process, not per client)
 _speaks_311: set[str] = set()
-_told: set[str] = set()  # addresses whose fallback was logged
+_told: set[str] = set()  # addresses using 3.1.1 so far: the first one is logged
 _told_lock = threading.Lock()
 _log = logging.getLogger("fedmq.connection")
 
@@ -143,7 +176,8 @@ class Client(mqtt.Client):
 
     ``fallback``: start with MQTT 5 and, when the broker closes the socket or answers
     CONNACK 1 instead of accepting it, retry with 3.1.1 (then 5 again, and so on, until
-    one of them gets a CONNACK). The first 3.1.1 CONNACK logs one line saying so."""
+    one of them gets a CONNACK; only a 3.1.1 attempt's failure is reported). The first
+    3.1.1 CONNACK logs one line saying so."""
 
     def __init__(
         self, settings: ConnectionSettings, *, version: int | None, persistent: bool, **kwargs: Any
@@ -191,22 +225,24 @@ class Client(mqtt.Client):
         self._fedmq_connack = True
         if not self.mqtt5 and self.fedmq_fallback and packet[1:2] == b"\x00":
             _speaks_311.add(self.fedmq_address)
-            with _told_lock:
-                tell = self.fedmq_address not in _told
+            with _told_lock:  # one line per process: the nodes of a cluster say the same
+                tell = not _told
                 _told.add(self.fedmq_address)
-            if tell:
-                _log.warning(
-                    "the broker at %s does not speak MQTT 5: using MQTT 3.1.1 (%s)",
-                    self.fedmq_address,
-                    FALLBACK_NOTE,
-                )
+            _log.log(
+                logging.WARNING if tell else logging.DEBUG,
+                "the broker at %s does not speak MQTT 5: using MQTT 3.1.1 (%s)",
+                self.fedmq_address,
+                FALLBACK_NOTE,
+            )
         return super()._handle_connack()
 
     def _do_on_disconnect(self, packet_from_broker, v1_rc, reason=None, properties=None) -> None:
         if self.fedmq_fallback and not self._fedmq_connack and self._sock_was_open():
-            # closed without answering our CONNECT: RabbitMQ 3.10 does that to MQTT 5
+            # closed without answering our CONNECT: RabbitMQ 3.10 does that to MQTT 5. Try
+            # 3.1.1 without a word; if that is closed too, something else is wrong (a TLS
+            # port, say): the watch reports it, and the next attempt is MQTT 5 again
+            self.fedmq_switching = self.mqtt5
             self._use(mqtt.MQTTv311 if self.mqtt5 else mqtt.MQTTv5)
-            self.fedmq_switching = True
         super()._do_on_disconnect(packet_from_broker, v1_rc, reason, properties)
 
     def _sock_was_open(self) -> bool:
@@ -307,11 +343,11 @@ def connect_async(
 
 
 def _say_chosen(client: Client) -> None:
-    """Once per broker address: MQTT 3.1.1 was asked for, and what it does without."""
+    """Once per process: MQTT 3.1.1 was asked for, and what it does without."""
     if client.fedmq_fallback:
         return  # said when the broker refused MQTT 5
     with _told_lock:
-        tell = client.fedmq_address not in _told
+        tell = not _told
         _told.add(client.fedmq_address)
     if tell:
         _log.info(

@@ -36,7 +36,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from broker import identity
 from broker.acl import AGGREGATOR_USER, OPERATOR_USER, check_device_id, render_acl
-from broker.connection import ConnectionSettings, parse_address
+from broker.connection import (
+    ConnectionSettings,
+    check_cluster,
+    check_mqtt_version,
+    parse_address,
+)
 from broker.errors import BrokerError, ConfigError
 from broker.launcher import RunningBroker, start_mosquitto
 from broker.mosquitto_conf import MosquittoConfig, render
@@ -178,17 +183,6 @@ def settings_from_credentials(
         raise ConfigError(f"{where}: no broker address: pass --broker HOST:PORT")
     host, port = parse_address(address)
     where = credentials if not isinstance(credentials, Mapping) else "the credentials"
-    version = creds.get("mqtt_version")
-    if version is not None and (isinstance(version, bool) or version not in (3, 5)):
-        raise ConfigError(f"{where}: mqtt_version is {version!r}: use 3 (MQTT 3.1.1) or 5")
-    cluster = creds.get("cluster") or []
-    if not isinstance(cluster, list) or not all(isinstance(a, str) for a in cluster):
-        raise ConfigError(f'{where}: cluster must be a list of "HOST:PORT" strings')
-    for node in cluster:
-        try:
-            parse_address(node)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: cluster: {exc}") from None
     return ConnectionSettings(
         host=host,
         port=port,
@@ -197,8 +191,8 @@ def settings_from_credentials(
         ca_file=creds.get("ca_file"),
         cert_file=creds.get("cert_file"),
         key_file=creds.get("key_file"),
-        mqtt_version=version,
-        cluster=tuple(cluster),
+        mqtt_version=check_mqtt_version(creds.get("mqtt_version"), str(where)),
+        cluster=check_cluster(creds.get("cluster"), str(where)),
     )
 
 
