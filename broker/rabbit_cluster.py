@@ -281,7 +281,7 @@ class RabbitCluster:
                         f"load_definitions = {self.definitions_path}",
                         "cluster_formation.peer_discovery_backend = classic_config",
                         peers,
-                        "log.file.level = warning",
+                        f"log.file.level = {os.environ.get('FEDMQ_RABBIT_LOG', 'warning')}",
                         "log.console = false",
                         "vm_memory_high_watermark.relative = 0.2",
                         "disk_free_limit.absolute = 50MB",

@@ -11,6 +11,11 @@ The price: each node's copy is also routed to every live subscriber, so a device
 receives the model once per node (and re-sends its update for each copy it
 sees after training; the aggregator counts it once), and the state and presence
 as often. Devices and the operator need nothing: they read their own node.
+RabbitMQ also never sends retained messages to a wildcard subscription, so the
+aggregator's ``status/+`` brings no device's retained status, on any node; it
+reads them by exact topic on every node instead (``read_on_every_node``) for
+the devices it knows (its ``device_keys``), before its first round.
+
 The copies carry the publisher's last will too, so every node says "offline"
 when the aggregator dies. Topics in ``throttle`` (the state, republished every
 quarter second while a round runs) are copied at most once per interval: a
@@ -32,6 +37,27 @@ from broker.connection import (
     make_client,
     parse_address,
 )
+from broker.retained import read_retained
+
+
+def read_on_every_node(
+    settings: ConnectionSettings,
+    topics: list[str],
+    *,
+    client_prefix: str,
+    timeout: float,
+    log: logging.Logger,
+) -> list[dict[str, bytes]]:
+    """The retained messages on ``topics`` as each node of ``settings.cluster`` holds them
+    (one {topic: payload} per node, in the cluster's order)."""
+    found = []
+    for address in settings.cluster or (settings.address,):
+        host, port = parse_address(address)
+        node = replace(settings, host=host, port=port, cluster=())
+        found.append(
+            read_retained(node, topics, client_prefix=client_prefix, timeout=timeout, log=log)
+        )
+    return found
 
 
 class _Node:

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from broker import connection, messages
+from broker import connection, messages, signals
 from broker.connection import ConnectionWatch, connect_async, make_client
 from broker.errors import ConfigError
 from broker.rabbit_cluster import RabbitCluster, check_rabbit_name, topic_permissions
 from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.loadgen import expected_average, publish_all, signed_update
-from tests.helpers import blobs_task, join, wait_for
+from tests.helpers import blobs_task, join, publish_as, wait_for
 from tests.rabbit import RabbitFederation
 from tests.test_bob_and_alice import EXAMPLE, centralized_gd
 
@@ -43,14 +43,17 @@ def rabbit(tmp_path_factory):
     fed.close()
 
 
-def model_from(fed: RabbitFederation, account: str, timeout: float = 30) -> messages.ModelMessage:
-    """The retained model as ``account`` sees it on its own node (waits for it)."""
+def model_from(fed: RabbitFederation, account: str, run_id: str, timeout: float = 30):
+    """The retained model of run ``run_id`` as ``account`` sees it on its own node."""
     topic = Topics(fed.name).model
     node = fed.node_of(account)
-    payload = wait_for(
-        lambda: fed.retained_on(node, [topic], account).get(topic), timeout, f"model on {node}"
-    )
-    return messages.decode_model(payload)
+
+    def current():
+        payload = fed.retained_on(node, [topic], account).get(topic)
+        model = messages.decode_model(payload) if payload else None
+        return model if model is not None and model.run_id == run_id else None
+
+    return wait_for(current, timeout, f"the model of run {run_id} on {node.name}")
 
 
 def test_the_cluster_has_three_nodes_and_spreads_the_devices(rabbit):
@@ -163,6 +166,37 @@ def test_topic_permissions_mirror_the_mosquitto_acl():
     assert allowed(write, "fedmq.f.control", "x") and not allowed(write, "fedmq.f.model", "x")
 
 
+def test_the_aggregator_reads_the_retained_statuses_of_every_node(rabbit, tmp_path):
+    """RabbitMQ sends no retained message to a wildcard subscription (the aggregator's
+    status/+), on any node: devices that came up before the aggregator's first session are
+    found by exact topic on every node (before any other aggregator of the module ran)."""
+    topics = Topics(rabbit.name)
+    early = SYNTHETIC[90:96]  # two on each node
+    assert len({rabbit.node_of(d).name for d in early}) == 3
+    for device in early:
+        status = signals.encode_status("online", device)
+        publish_as(rabbit, device, topics.status(device), status, retain=True)
+    node = rabbit.node_of(early[0])
+    assert rabbit.retained_on(node, [topics.status_filter]) == {}  # the wildcard: nothing
+    assert topics.status(early[0]) in rabbit.retained_on(node, [topics.status(early[0])])
+    agg = rabbit.aggregator(
+        tmp_path / "run",
+        TaskSpec.load(blobs_task(tmp_path)),
+        rounds=1,
+        min_devices=len(rabbit.devices),  # never met: the round stays open
+        deadline=None,
+    )
+    assert set(agg.config.devices) == set(rabbit.devices)
+    thread = rabbit.in_thread(agg.run, timeout=60)
+    wait_for(lambda: all(agg.status.get(d) == "online" for d in early), 30, "early statuses")
+    assert set(agg.status) == set(early)
+    agg.stop()
+    assert join(thread, 30) == 0
+    for device in early:  # cleared: a later round would wait for these devices to report
+        publish_as(rabbit, device, topics.status(device), b"", retain=True)
+    assert rabbit.retained_on(node, [topics.status(early[0])]) == {}
+
+
 def test_bob_and_alice_on_different_nodes_equal_centralized_training(rabbit, tmp_path):
     """The seed tutorial, exactly, with the aggregator, bob and alice on three nodes and
     the devices joining after the first model was announced (so each reads it from the
@@ -173,7 +207,7 @@ def test_bob_and_alice_on_different_nodes_equal_centralized_training(rabbit, tmp
     agg = rabbit.aggregator(tmp_path / "run", task, rounds=5, min_devices=2)
     agg_thread = rabbit.in_thread(agg.run, timeout=120)
     for device in ("bob", "alice"):
-        assert model_from(rabbit, device).round == 1  # the copy landed on its node
+        assert model_from(rabbit, device, agg.spec.run_id).round == 1  # the copy landed there
     agents = [
         rabbit.in_thread(
             rabbit.agent(d, EXAMPLE / f"{d}.csv", exit_when_done=True).run, timeout=120
@@ -206,7 +240,9 @@ def test_a_round_of_100_devices_spread_over_three_nodes(rabbit, tmp_path):
     )
     agg_thread = rabbit.in_thread(agg.run, timeout=180)
     # each device reads the model where it is connected: its own node's retained copy
-    models = {n: model_from(rabbit, a) for n, a in _one_device_per_node(rabbit).items()}
+    models = {
+        n: model_from(rabbit, a, agg.spec.run_id) for n, a in _one_device_per_node(rabbit).items()
+    }
     hashes = {m.model_hash for m in models.values()}
     assert len(models) == 3 and len(hashes) == 1
     model = next(iter(models.values()))
