@@ -189,6 +189,7 @@ class Client(mqtt.Client):
             kwargs["clean_session"] = not persistent
         super().__init__(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, **kwargs)
         self.fedmq_address = settings.address
+        self.fedmq_settings = settings
         self.fedmq_persistent = persistent
         self.fedmq_fallback = fallback
         self.fedmq_switching = False  # the last attempt ended without a CONNACK: switched
@@ -238,11 +239,14 @@ class Client(mqtt.Client):
 
     def _do_on_disconnect(self, packet_from_broker, v1_rc, reason=None, properties=None) -> None:
         if self.fedmq_fallback and not self._fedmq_connack and self._sock_was_open():
-            # closed without answering our CONNECT: RabbitMQ 3.10 does that to MQTT 5. Try
-            # 3.1.1 without a word; if that is closed too, something else is wrong (a TLS
-            # port, say): the watch reports it, and the next attempt is MQTT 5 again
-            self.fedmq_switching = self.mqtt5
-            self._use(mqtt.MQTTv311 if self.mqtt5 else mqtt.MQTTv5)
+            if not self.mqtt5:  # 3.1.1 closed too: something else (the watch says what)
+                self._use(mqtt.MQTTv5)
+            elif probe_mqtt5(self.fedmq_settings) == "closed":
+                # closed without answering an MQTT 5 CONNECT, again, on a fresh socket:
+                # RabbitMQ 3.10 does that. A broker that was restarting or full answers the
+                # probe (even "not authorized") and keeps MQTT 5. Try 3.1.1 without a word
+                self.fedmq_switching = True
+                self._use(mqtt.MQTTv311)
         super()._do_on_disconnect(packet_from_broker, v1_rc, reason, properties)
 
     def _sock_was_open(self) -> bool:
@@ -268,6 +272,38 @@ class Client(mqtt.Client):
         if not self.mqtt5:
             properties = None  # e.g. message expiry: see FALLBACK_NOTE
         return super().publish(topic, payload, qos, retain, properties)
+
+
+def probe_mqtt5(settings: ConnectionSettings, timeout: float = 3.0) -> str:
+    """Send a bare MQTT 5 CONNECT (no credentials) on a new socket: "answered" (a CONNACK,
+    whatever it says), "closed" (the socket closed unanswered: no MQTT 5 there) or
+    "unknown" (unreachable, TLS trouble, silence)."""
+    import socket
+
+    client_id = f"fedmq-probe-{os.urandom(4).hex()}".encode()
+    body = b"\x00\x04MQTT\x05\x02\x00\x0a\x00" + len(client_id).to_bytes(2, "big") + client_id
+    packet = b"\x10" + bytes([len(body)]) + body
+    try:
+        sock = socket.create_connection((settings.host, settings.port), timeout=timeout)
+    except OSError:
+        return "unknown"
+    try:
+        if settings.tls:
+            context = ssl.create_default_context(cafile=str(settings.ca_file))
+            if settings.cert_file is not None:
+                context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+            sock = context.wrap_socket(sock, server_hostname=settings.host)
+        sock.sendall(packet)
+        first = sock.recv(1)
+    except (ConnectionResetError, BrokenPipeError):
+        return "closed"
+    except (OSError, ValueError):
+        return "unknown"
+    finally:
+        sock.close()
+    if not first:
+        return "closed"
+    return "answered" if first[0] >> 4 == 2 else "unknown"
 
 
 def _qos_of(option: Any) -> int:

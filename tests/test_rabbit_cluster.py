@@ -117,6 +117,17 @@ def test_mqtt5_refused_falls_back_to_311_and_says_so_once(rabbit, monkeypatch, c
             client.loop_stop()
 
 
+def test_the_fallback_probe_tells_rabbitmq_from_a_mosquitto_that_restarts(rabbit, federation):
+    """A socket closed before CONNACK makes a client fall back only if a fresh MQTT 5
+    CONNECT is closed unanswered too: mosquitto answers it (not authorized, no credentials),
+    so a mosquitto that was restarting or full keeps its clients on MQTT 5."""
+    assert connection.probe_mqtt5(rabbit.settings("bob")) == "closed"
+    fed = federation(devices=["bob"])
+    assert connection.probe_mqtt5(fed.settings("bob")) == "answered"
+    fed.stop_broker()
+    assert connection.probe_mqtt5(fed.settings("bob")) == "unknown"
+
+
 def test_mqtt_version_3_asked_for_explicitly(rabbit, monkeypatch, caplog):
     monkeypatch.setattr(connection, "_speaks_311", set())
     monkeypatch.setattr(connection, "_told", set())
