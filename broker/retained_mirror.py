@@ -49,15 +49,18 @@ def read_on_every_node(
     log: logging.Logger,
 ) -> list[dict[str, bytes]]:
     """The retained messages on ``topics`` as each node of ``settings.cluster`` holds them
-    (one {topic: payload} per node, in the cluster's order)."""
-    found = []
-    for address in settings.cluster or (settings.address,):
+    (one {topic: payload} per node, in the cluster's order), the nodes read at once: a
+    subscription to 1,000 exact topics takes RabbitMQ 3.10 about 4 s here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(address: str) -> dict[str, bytes]:
         host, port = parse_address(address)
         node = replace(settings, host=host, port=port, cluster=())
-        found.append(
-            read_retained(node, topics, client_prefix=client_prefix, timeout=timeout, log=log)
-        )
-    return found
+        return read_retained(node, topics, client_prefix=client_prefix, timeout=timeout, log=log)
+
+    addresses = list(settings.cluster or (settings.address,))
+    with ThreadPoolExecutor(len(addresses)) as pool:
+        return list(pool.map(read, addresses))
 
 
 class _Node:
