@@ -30,7 +30,7 @@ from tests.helpers import blobs_task, join, publish_as, wait_for
 from tests.rabbit import RabbitFederation
 from tests.test_bob_and_alice import EXAMPLE, centralized_gd
 
-pytestmark = [pytest.mark.mosquitto, pytest.mark.rabbitmq]
+pytestmark = pytest.mark.mosquitto  # and each test on the cluster: rabbitmq
 SYNTHETIC = [f"d{i:03d}" for i in range(100)]
 
 
@@ -56,6 +56,7 @@ def model_from(fed: RabbitFederation, account: str, run_id: str, timeout: float 
     return wait_for(current, timeout, f"the model of run {run_id} on {node.name}")
 
 
+@pytest.mark.rabbitmq
 def test_the_cluster_has_three_nodes_and_spreads_the_devices(rabbit):
     status = rabbit.cluster.ctl(rabbit.cluster.nodes[0], "cluster_status")
     for node in rabbit.cluster.nodes:
@@ -67,6 +68,7 @@ def test_the_cluster_has_three_nodes_and_spreads_the_devices(rabbit):
     assert rabbit.node_of("bob") != rabbit.node_of("alice")
 
 
+@pytest.mark.rabbitmq
 def test_retained_messages_stay_on_the_node_that_received_them(rabbit):
     """Why the aggregator copies its retained messages: RabbitMQ does not replicate them."""
     a, b, _ = rabbit.cluster.nodes
@@ -87,6 +89,7 @@ def test_retained_messages_stay_on_the_node_that_received_them(rabbit):
         client.loop_stop()
 
 
+@pytest.mark.rabbitmq
 def test_mqtt5_refused_falls_back_to_311_and_says_so_once(rabbit, monkeypatch, caplog):
     monkeypatch.setattr(connection, "_speaks_311", set())
     monkeypatch.setattr(connection, "_told", set())
@@ -117,6 +120,7 @@ def test_mqtt5_refused_falls_back_to_311_and_says_so_once(rabbit, monkeypatch, c
             client.loop_stop()
 
 
+@pytest.mark.rabbitmq
 def test_the_fallback_probe_tells_rabbitmq_from_a_mosquitto_that_restarts(rabbit, federation):
     """A socket closed before CONNACK makes a client fall back only if a fresh MQTT 5
     CONNECT is closed unanswered too: mosquitto answers it (not authorized, no credentials),
@@ -128,6 +132,7 @@ def test_the_fallback_probe_tells_rabbitmq_from_a_mosquitto_that_restarts(rabbit
     assert connection.probe_mqtt5(fed.settings("bob")) == "unknown"
 
 
+@pytest.mark.rabbitmq
 def test_mqtt_version_3_asked_for_explicitly(rabbit, monkeypatch, caplog):
     monkeypatch.setattr(connection, "_speaks_311", set())
     monkeypatch.setattr(connection, "_told", set())
@@ -177,6 +182,7 @@ def test_topic_permissions_mirror_the_mosquitto_acl():
     assert allowed(write, "fedmq.f.control", "x") and not allowed(write, "fedmq.f.model", "x")
 
 
+@pytest.mark.rabbitmq
 def test_the_aggregator_reads_the_retained_statuses_of_every_node(rabbit, tmp_path):
     """RabbitMQ sends no retained message to a wildcard subscription (the aggregator's
     status/+), on any node: devices that came up before the aggregator's first session are
@@ -208,6 +214,7 @@ def test_the_aggregator_reads_the_retained_statuses_of_every_node(rabbit, tmp_pa
     assert rabbit.retained_on(node, [topics.status(early[0])]) == {}
 
 
+@pytest.mark.rabbitmq
 def test_bob_and_alice_on_different_nodes_equal_centralized_training(rabbit, tmp_path):
     """The seed tutorial, exactly, with the aggregator, bob and alice on three nodes and
     the devices joining after the first model was announced (so each reads it from the
@@ -241,6 +248,7 @@ def test_bob_and_alice_on_different_nodes_equal_centralized_training(rabbit, tmp
         assert b'"phase": "done"' in found[topics.state]
 
 
+@pytest.mark.rabbitmq
 def test_a_round_of_100_devices_spread_over_three_nodes(rabbit, tmp_path):
     agg = rabbit.aggregator(
         tmp_path / "run",
