@@ -35,16 +35,18 @@ class FoldedSum:
         for name, acc in self._sum.items():  # check all before changing any
             if tuple(tensors[name].shape) != tuple(acc.shape):
                 raise ValueError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}")
-        for name, acc in self._sum.items():
-            acc.add_(tensors[name].to(torch.float64), alpha=weight)
+        for name, acc in self._sum.items():  # cast element by element: no float64 copy
+            acc.add_(tensors[name], alpha=weight)
         self.total_weight += weight
         self.count += 1
 
     def average(self) -> dict[str, torch.Tensor]:
         if self.total_weight == 0:
             raise ValueError("nothing folded yet")
-        means = {name: acc / self.total_weight for name, acc in self._sum.items()}
-        return cast_to(means, self._dtypes)
+        out = {}
+        for name, acc in self._sum.items():  # one float64 temporary at a time
+            out.update(cast_to({name: acc / self.total_weight}, self._dtypes))
+        return out
 
 
 def cast_to(values: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> Tensors:

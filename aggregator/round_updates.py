@@ -50,6 +50,7 @@ class JournalUpdates(_MatrixMixin):
         self._base_of = base_of
         self._workdir = journal.directory
         self._seen: dict[str, tuple[int, dict, int]] = {}  # device -> (samples, metrics, round)
+        self.partials: dict[str, int] = {}  # site -> devices its partial result stands for
 
     def __len__(self) -> int:
         return len(self.journal.accepted_devices())
@@ -58,6 +59,9 @@ class JournalUpdates(_MatrixMixin):
         for device, payload in self.journal.accepted(by_device=True):
             update = messages.decode_update(payload, max_payload=len(payload))  # checked before
             self._seen[device] = (update.num_samples, update.metrics, update.round)
+            carried = messages.parse_partial(update.metadata)
+            if carried is not None:
+                self.partials[device] = carried
             base = self._base_of(update.round)
             tensors = update.tensors
             if self._compressed.active:  # checked at admission, decoded again from the base

@@ -10,6 +10,11 @@ the journal recognises the ones already accounted for.
 A round is a sequence of phases (``aggregator/phases.py``); the engine knows no
 strategy's math: the strategy (``aggregator/strategies/``) plans the round and
 turns its accepted updates, read back from the journal, into the next model.
+
+At a site (``AggregatorConfig.upstream``, ``aggregator/upstream.py``) each round starts
+with an ``upstream`` phase that waits for the root's model and takes the root's round
+number, and a closed round's result goes up to the root as one partial result instead
+of becoming the site's next model.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from aggregator.round_updates import JournalUpdates, ListUpdates
 from aggregator.secure_round import SecureFailure, SecureRound
 from aggregator.secure_settings import secure_settings
 from aggregator.strategies.base import RoundPlan, Strategy, Update
+from aggregator.upstream import Upstream, check_site_task
 from broker import codec, compression, compression_settings, messages, signals, zoo
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import CodecError, ConfigError, FedmqError
@@ -96,6 +102,8 @@ class AggregatorConfig:
     final_publish_timeout: float = FINAL_PUBLISH_TIMEOUT
     # architectures registered on this machine beyond the zoo's built-ins (name -> factory)
     architectures: zoo.Registry | None = None
+    # a site's edge aggregator: rounds follow the root's, results go up as partials
+    upstream: Upstream | None = None
     # the federation's devices (its device_keys): on a cluster (connection.cluster, where
     # RabbitMQ sends no retained message to status/+) their statuses are read one by one
     devices: tuple[str, ...] = ()
@@ -140,6 +148,7 @@ class RoundResult:
     samples: int
     metrics: dict[str, float]  # sample-weighted means of the devices' metrics
     device_rows: list[dict]
+    carried: int | None = None  # devices behind the updates, when sites sent partials
 
 
 def aggregate_round(
@@ -153,19 +162,25 @@ def aggregate_round(
     updates arrived in another order) ends with exactly the model of an uninterrupted one."""
     weights = strategy.aggregate(current, updates)
     means, rows, samples = WeightedMetrics(), [], 0
-    for device, num_samples, metrics, trained_for in updates.summaries():
+    summaries = updates.summaries()
+    partials = getattr(updates, "partials", {})  # read with the summaries
+    for device, num_samples, metrics, trained_for in summaries:
         means.fold(metrics, num_samples)
         samples += num_samples
         row = {"device": device, "num_samples": num_samples, "metrics": metrics}
         if trained_for != updates.round:  # fedbuff: a stale update, trained on an older model
             row["staleness"] = updates.round - trained_for
+        if device in partials:  # a site's partial result: how many devices it holds
+            row["partial_devices"] = partials[device]
         rows.append(row)
+    carried = sum(partials.get(row["device"], 1) for row in rows) if partials else None
     return RoundResult(
         weights=weights,
         devices=[row["device"] for row in rows],
         samples=samples,
         metrics=means.means(),
         device_rows=rows,
+        carried=carried,
     )
 
 
@@ -288,6 +303,9 @@ class Aggregator:
                 self.spec.min_devices,
             )
         self.task = self.spec.task
+        if config.upstream is not None:
+            check_site_task(self.task, secure_at_site=True)
+            config.upstream.partials_dir = self.run_dir.path / "partials"
         self._task_json = self.task.to_json()
         self.compressed = compression_settings.parse(self.task.compression)  # checked on load
         self._model_hashes: dict[int, str] = {}  # round -> hash of the model it trained from
@@ -512,22 +530,26 @@ class Aggregator:
             self.current = current
 
     def _open_round(self, number: int) -> _Round | None:
-        if number > self.spec.rounds:
+        upstream = self.config.upstream is not None
+        if number > self.spec.rounds and not upstream:  # a site ends when its root does
             self._finish()
             return None
         journal = RoundJournal.open(self.run_dir.path, number)
+        phases = round_phases(
+            self.strategy,
+            self.config.deadline,
+            None if self.secure is None else self.secure.phase_deadline,
+        )
+        if upstream:
+            phases = (Phase("upstream", deadline=None, state="waiting"), *phases)
         current = _Round(
             number,
             "",  # known once the model is encoded, at announcement (no update can match before)
             journal,
-            round_phases(
-                self.strategy,
-                self.config.deadline,
-                None if self.secure is None else self.secure.phase_deadline,
-            ),
+            phases,
             plan=load_plan(journal.directory),  # a restarted round tells the devices the same
         )
-        if current.plan is not None:  # drawn before the crash: straight to training
+        if current.plan is not None and not upstream:  # drawn before the crash: to training
             current.phase_index = 1 if current.phases[0].name == "select" else 0
         self.on_event("round_open", {"round": number, "replayed": current.accepted})
         self._enter_phase(current)
@@ -590,6 +612,8 @@ class Aggregator:
         """The model that round ``number``'s devices trained from."""
         if number == self.state.completed_round + 1:
             return self.weights
+        if self.current is not None and number == self.current.number:
+            return self.weights  # a site that took up the root's round after a gap
         if number not in self._bases:
             self._bases[number] = self.run_dir.checkpoint(number - 1)  # cleared at close
         return self._bases[number]
@@ -632,6 +656,31 @@ class Aggregator:
         self.client.publish(self.topics.model, current.model_payload, qos=1, retain=True)
         self.on_event("announce", {"round": current.number})
 
+    def _phase_upstream(self, current: _Round) -> _Round | None:
+        """A site: wait for the root's model for this round. The root may be further on (the
+        site started late or was away): the site's round takes the root's number, as its
+        devices' training seeds do. The root's final model ends the site's run."""
+        model = self.config.upstream.model_for(current.number, self.state.completed_round)
+        if model is None:
+            return current
+        if model.final or model.round != current.number:
+            if current.accepted:
+                log.warning(
+                    "round %d: the root moved on to %s; dropping the site's %d updates",
+                    current.number,
+                    "its end" if model.final else f"round {model.round}",
+                    current.accepted,
+                )
+            current.journal.remove()
+            self.weights = model.tensors
+            if model.final:
+                self._finish(model.round)  # the root's final model goes to the site's devices
+                return None
+            return self._open_round(model.round)
+        self.weights = model.tensors  # the site's devices train the root's model
+        self._next_phase(current)
+        return current
+
     def _phase_select(self, current: _Round) -> _Round:
         """Client sampling: once enough devices are known to be up, draw the round's sample."""
         available = sorted(d for d, s in self.status.items() if s in AVAILABLE)
@@ -662,12 +711,28 @@ class Aggregator:
         batch = self._inbox.take(limit, timeout=0.1)
         if not batch:
             return
+        handled, deferred = [], []
         for item in batch:
+            if self._buffer_full(current) and self.topics.kind_of(item.topic) == "updates":
+                deferred.append(item)  # the next buffer's: neither handled nor acked yet
+                continue
             self._dispatch(item, current)
+            handled.append(item)
         current.journal.commit()  # group commit: one fsync for the whole batch
-        for item in batch:
+        for item in handled:
             if item.qos > 0:
                 self.client.ack(item.mid, item.qos)  # only now: its fate is on disk
+        self._inbox.done(handled)
+        if deferred:
+            self._inbox.put_back(deferred)
+            if not handled:  # paused with a full buffer: do not spin on what must wait
+                time.sleep(0.05)
+
+    def _buffer_full(self, current: _Round) -> bool:
+        """FedBuff's round takes the first ``buffer_size`` accepted updates and closes:
+        an update handled in the same batch after that waits for the next round."""
+        size = self.strategy.buffer_size
+        return size is not None and current.phase.name == "train" and current.accepted >= size
 
     def _dispatch(self, item: Inbound, current: _Round) -> None:
         """Route one message; whatever goes wrong with it costs that message, not the loop."""
@@ -815,6 +880,7 @@ class Aggregator:
                 max_payload=self.config.max_payload,
                 max_samples=self.config.max_samples,
                 compression=self.compressed,
+                copy=False,  # only read here; the journal keeps the payload itself
             )
             verdict = rounds.admit(
                 topic_device=topic_device or "",
@@ -1119,6 +1185,8 @@ class Aggregator:
         }
         if current.selected is not None:
             row["selected"] = list(current.selected)
+        if result.carried is not None:  # sites' partial results: the devices behind them
+            row["devices_behind_partials"] = result.carried
         if current.secure is not None:
             current.phase_seconds["unmask"] = round(time.monotonic() - current.phase_started, 3)
             row["secure_aggregation"] = {
@@ -1138,6 +1206,17 @@ class Aggregator:
         chosen = getattr(self.strategy, "last_selected", None)  # Krum's pick, say
         if chosen is not None:
             row["chosen"] = list(chosen)
+        if self.config.upstream is not None:
+            # one partial result for the root's round, saved and sent before the checkpoint:
+            # a crash before it replays the journal into the same result, sent again (the
+            # root counts a site's second update of a round as a duplicate)
+            row["partial_bytes"] = self.config.upstream.forward(
+                current.number,
+                result.weights,
+                samples=result.samples,
+                devices=len(result.devices),
+                metrics=result.metrics,
+            )
         device_rows = [{"round": current.number, **r} for r in result.device_rows]
         self.devices.accepted(device_rows)
         self.run_dir.commit(
@@ -1166,8 +1245,10 @@ class Aggregator:
             return current
         return self._open_round(current.number + 1)
 
-    def _finish(self) -> None:
-        payload, _ = self._encode_model(self.spec.rounds + 1, final=True)
+    def _finish(self, number: int | None = None) -> None:
+        """Publish the final model (round one past the last: ``number`` at a site, the
+        root's own final round)."""
+        payload, _ = self._encode_model(number or self.spec.rounds + 1, final=True)
         self.phase = "done"
         if not self._publish(self.topics.model, payload, self.config.final_publish_timeout):
             log.error(
@@ -1238,7 +1319,9 @@ class Aggregator:
             "run_id": self.spec.run_id,
             "instance": self.instance,
             "round": self.state.completed_round + (0 if self.phase == "done" else 1),
-            "rounds": self.spec.rounds,
+            # a site follows its root's rounds, however many they are
+            "rounds": self.spec.rounds if self.config.upstream is None else None,
+            "upstream": None if self.config.upstream is None else self.config.upstream.describe(),
             "completed_rounds": self.state.completed_round,
             "phase": self.phase,
             "strategy": self.strategy.name,
@@ -1284,9 +1367,10 @@ class Aggregator:
 
 def inbox_budget(limit: int, model_bytes: int) -> int:
     """Payload bytes the inbox may hold: about one model, at least INBOX_FLOOR, at most
-    ``limit``. While the loop works on one batch the inbox fills again and the network
-    thread holds one more message, so updates in memory stay near three models; the
-    rest wait at the broker (TCP pushes back), not in this process."""
+    ``limit``. The messages the loop is handling count against it too, and the network
+    thread holds one more message (twice, in paho's buffers) while it waits for room, so
+    updates in memory stay near three models; the rest wait at the broker (TCP pushes
+    back), not in this process."""
     return min(limit, max(INBOX_FLOOR, model_bytes))
 
 

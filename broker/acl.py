@@ -9,6 +9,11 @@ device id), so adding or removing a device never changes the ACL text:
                       status/+, secagg/+, control
     operator          write control; read state, aggregator
 
+A site's broker (bridged to a root federation, ``upstream=(root, site)``) also
+lets its aggregator account read the root's ``model`` and write the root's
+``updates/<site>`` and ``status/<site>``, which the bridge carries to the root;
+no pattern reaches the root's topic tree, so a site's device cannot.
+
 Patterns apply to every account, so the two service accounts get explicit
 ``deny`` lines for what the device patterns would otherwise hand them
 (mosquitto checks an account's own lines, denials first, before any pattern).
@@ -42,9 +47,24 @@ def render_acl(
     federation: str,
     aggregator_user: str = AGGREGATOR_USER,
     operator_user: str = OPERATOR_USER,
+    upstream: tuple[str, str] | None = None,
 ) -> str:
-    """The text of the ``acl_file`` for ``federation``."""
+    """The text of the ``acl_file`` for ``federation``; ``upstream`` is (root federation,
+    this site's account there) for a site's broker."""
     t = Topics(federation)
+    site_lines: list[str] = []
+    if upstream is not None:
+        root = Topics(upstream[0])
+        if root.base == t.base:
+            raise ConfigError(
+                f"a site's federation must differ from its root's ({federation!r}): "
+                "their topics would collide over the bridge"
+            )
+        site_lines = [
+            f"topic read {root.model}",
+            f"topic write {root.update(upstream[1])}",
+            f"topic write {root.status(upstream[1])}",
+        ]
     update_pattern = f"{t.base}/updates/%u"
     status_pattern = f"{t.base}/status/%u"
 
@@ -84,6 +104,7 @@ def render_acl(
             f"topic write {t.base}/inbox/+",
             f"topic read {t.secagg_filter}",
             f"topic read {t.control}",
+            *site_lines,
         ],
     )
     out += service(

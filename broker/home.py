@@ -9,6 +9,9 @@
     credentials/          <account>.toml (0600) plus the files they point at:
                           ca.crt, aggregator.pub, <id>.ed25519, <account>.crt/.key
     data/                 mosquitto persistence and mosquitto.pid
+    upstream/             a site's home only (``init --bridge-to``): the bundle of the
+                          site's device account at the root federation (0600), which
+                          the bridge logs in with and the site aggregator signs with
 
 A credentials file is everything one process needs to reach the broker; a
 device's bundle is its .toml plus the files named in it (``bundle_files``).
@@ -27,6 +30,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,7 +48,7 @@ from broker.connection import (
 )
 from broker.errors import BrokerError, ConfigError
 from broker.launcher import RunningBroker, start_mosquitto
-from broker.mosquitto_conf import MosquittoConfig, render
+from broker.mosquitto_conf import Bridge, MosquittoConfig, render
 from broker.passwords import (
     generate_password,
     hash_password,
@@ -227,11 +231,15 @@ class BrokerHome:
             self.client_certs: bool = raw["client_certs"]
             self.plaintext: bool = raw["plaintext"]
             self.broker_address: str = raw.get("broker", "")
+            self.bridge_to: str = raw.get("bridge_to", "")  # a site's root broker, HOST:PORT
+            self.bridge_credentials: str = raw.get("bridge_credentials", "")
             flags = (self.tls, self.client_certs, self.plaintext)
             types_ok = (
                 all(isinstance(flag, bool) for flag in flags)
                 and all(isinstance(h, str) for h in self.hostnames)
                 and isinstance(self.broker_address, str)
+                and isinstance(self.bridge_to, str)
+                and isinstance(self.bridge_credentials, str)
             )
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ConfigError(f"{settings_file}: broken broker home settings ({exc})") from None
@@ -250,8 +258,14 @@ class BrokerHome:
         tls: bool = True,
         client_certs: bool = False,
         plaintext: bool = True,
+        bridge_to: str | None = None,
+        bridge_credentials: str | Path | None = None,
     ) -> BrokerHome:
-        """Make a new home with its PKI, the aggregator and operator accounts, passwd and acl."""
+        """Make a new home with its PKI, the aggregator and operator accounts, passwd and acl.
+
+        With ``bridge_credentials`` (a device bundle of the root federation, made there by
+        ``fedmq broker add-device SITE``) the home is a site's: its broker bridges to the
+        root's at ``bridge_to`` (default: the bundle's address)."""
         path = Path(path).absolute()
         try:
             check_name("federation name", federation)
@@ -266,6 +280,11 @@ class BrokerHome:
             raise ConfigError("with neither TLS nor plaintext the broker would have no listener")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(f"{path} already exists and is not an empty directory")
+        upstream = None
+        if bridge_credentials is not None:
+            upstream = _upstream_bundle(Path(bridge_credentials), federation, bridge_to)
+        elif bridge_to:
+            raise ConfigError("--bridge-to needs --bridge-credentials (the site's root bundle)")
         path.parent.mkdir(parents=True, exist_ok=True)
         # build in a sibling directory and rename: a failure leaves nothing half-made
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -280,6 +299,8 @@ class BrokerHome:
                 "plaintext": plaintext,
                 "broker": "",
             }
+            if upstream is not None:
+                settings |= _copy_upstream(staging / "upstream", *upstream)
             _write_settings(staging, settings)
             if tls:
                 ca = CertificateAuthority.create(
@@ -318,6 +339,30 @@ class BrokerHome:
     aggregator_key_path = property(lambda self: self.path / "keys" / "aggregator.key")
     aggregator_public_key_path = property(lambda self: self.path / "keys" / "aggregator.pub")
     registry_key_path = property(lambda self: self.path / "keys" / "registry.key")
+
+    @property
+    def upstream_path(self) -> Path | None:
+        """A site's credentials at the root federation (``--upstream`` of its aggregator)."""
+        return self.path / self.bridge_credentials if self.bridge_credentials else None
+
+    def upstream(self) -> dict[str, Any] | None:
+        """A site's loaded root credentials, or None for a home that is not a site's."""
+        return None if self.upstream_path is None else load_credentials(self.upstream_path)
+
+    def bridge(self) -> Bridge | None:
+        creds = self.upstream()
+        if creds is None:
+            return None
+        return Bridge(
+            address=self.bridge_to,
+            root_federation=creds["federation"],
+            site=creds["username"],
+            username=creds["username"],
+            password=creds["password"],
+            ca_file=creds["ca_file"],
+            cert_file=creds["cert_file"],
+            key_file=creds["key_file"],
+        )
 
     def _registry(self) -> Ed25519PrivateKey:
         """The federation registry's key, which certifies device keys for secure
@@ -370,6 +415,28 @@ class BrokerHome:
             yield
 
     def _add_account(self, account: str, role: str, broker: str | None = None) -> Path:
+        path, password = self._account_files(account, role, broker)
+        accounts = self._load_accounts()
+        accounts[account] = {"role": role, "created": _now()}
+        self._save_accounts(accounts)
+        hashes = read_password_file(self.passwd_path) if self.passwd_path.exists() else {}
+        hashes[account] = hash_password(password)
+        self._write_security_files(hashes)
+        return path
+
+    def _account_files(
+        self,
+        account: str,
+        role: str,
+        broker: str | None,
+        *,
+        registry: Ed25519PrivateKey | None = None,
+        ca: CertificateAuthority | None = None,
+    ) -> tuple[Path, str]:
+        """Write one account's credentials (and a device's keys); (credentials file, password).
+
+        Leaves accounts.json and passwd alone: the caller records the account, once per
+        batch (``add_devices`` adds thousands with one write of each)."""
         password = generate_password()
         creds: dict[str, Any] = {
             "role": role,
@@ -383,7 +450,7 @@ class BrokerHome:
         if self.tls:
             creds["ca_file"] = "ca.crt"
         if self.client_certs:
-            ca = CertificateAuthority.load(self.path / "pki/ca.key", self.ca_path)
+            ca = ca or CertificateAuthority.load(self.path / "pki/ca.key", self.ca_path)
             key, crt = (self.credentials_dir / f"{account}{ext}" for ext in (".key", ".crt"))
             ca.issue_client(account, key, crt)
             creds["cert_file"], creds["key_file"] = f"{account}.crt", f"{account}.key"
@@ -393,21 +460,15 @@ class BrokerHome:
             )
             creds["signing_key"] = f"{account}.ed25519"
             creds["model_key"] = "aggregator.pub"
-            cert = identity.certify(self._registry(), self.federation, account, key.public_key())
+            cert = identity.certify(
+                registry or self._registry(), self.federation, account, key.public_key()
+            )
             creds["registry_key"] = "registry.pub"
             creds["identity_cert"] = base64.b64encode(cert).decode()
         elif role == "aggregator":
             creds["signing_key"] = "../keys/aggregator.key"
             creds["device_keys"] = "../keys/devices"
-        path = self._write_credentials(account, creds)
-
-        accounts = self._load_accounts()
-        accounts[account] = {"role": role, "created": _now()}
-        self._save_accounts(accounts)
-        hashes = read_password_file(self.passwd_path) if self.passwd_path.exists() else {}
-        hashes[account] = hash_password(password)
-        self._write_security_files(hashes)
-        return path
+        return self._write_credentials(account, creds), password
 
     def _write_credentials(self, account: str, creds: Mapping[str, Any]) -> Path:
         header = (
@@ -417,7 +478,10 @@ class BrokerHome:
         return write_secret_file(self.credentials_dir / f"{account}.toml", dump_toml(creds, header))
 
     def _write_security_files(self, hashes: Mapping[str, str]) -> None:
-        write_secret_file(self.acl_path, render_acl(self.federation), mode=0o600)
+        bridge = self.bridge()
+        upstream = None if bridge is None else (bridge.root_federation, bridge.site)
+        acl = render_acl(self.federation, upstream=upstream)
+        write_secret_file(self.acl_path, acl, mode=0o600)
         write_password_hashes(self.passwd_path, hashes)
 
     def add_device(self, device_id: str, *, broker: str | None = None) -> Path:
@@ -433,6 +497,53 @@ class BrokerHome:
                 raise ConfigError(f"device {device_id!r} already exists in {self.path}")
             return self._add_account(device_id, "device", broker)
 
+    def add_devices(self, device_ids: Iterable[str], *, broker: str | None = None) -> list[Path]:
+        """Create many device accounts in one pass; their credentials files, in order.
+
+        Each device gets what ``add_device`` gives it (its own password, Ed25519 signing
+        key, registry identity certificate, credentials file), but passwd and
+        accounts.json are written once for the whole batch, not once per device (which
+        is quadratic: 10,000 devices would rewrite a 10,000-line passwd 10,000 times).
+        All or nothing: on a failure no new account is recorded and the files written
+        so far are removed. Call ``reload()`` afterwards.
+        """
+        ids = [check_device_id(d) for d in device_ids]
+        if broker:
+            self.check_client_address(broker)
+        if len(set(ids)) != len(ids):
+            twice = next(d for d, n in Counter(ids).items() if n > 1)
+            raise ConfigError(f"device {twice!r} is listed twice")
+        with self._locked():
+            existing = self.accounts()
+            clash = [d for d in ids if d in existing]
+            if clash:
+                more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+                raise ConfigError(f"device {clash[0]!r}{more} already exists in {self.path}")
+            registry = self._registry()
+            ca = (
+                CertificateAuthority.load(self.path / "pki/ca.key", self.ca_path)
+                if self.client_certs
+                else None
+            )
+            paths: list[Path] = []
+            hashes = read_password_file(self.passwd_path) if self.passwd_path.exists() else {}
+            accounts = self._load_accounts()
+            try:
+                for device_id in ids:
+                    path, password = self._account_files(
+                        device_id, "device", broker, registry=registry, ca=ca
+                    )
+                    paths.append(path)
+                    hashes[device_id] = hash_password(password)
+                    accounts[device_id] = {"role": "device", "created": _now()}
+                self._write_security_files(hashes)
+                self._save_accounts(accounts)
+            except BaseException:
+                for device_id in ids[: len(paths) + 1]:
+                    self._remove_device_files(device_id)
+                raise
+            return paths
+
     def remove_device(self, device_id: str) -> None:
         """Revoke a device: drop it from passwd and accounts, delete its keys and bundle."""
         with self._locked():
@@ -444,9 +555,12 @@ class BrokerHome:
             accounts = self._load_accounts()
             del accounts[device_id]
             self._save_accounts(accounts)
-            for suffix in (".toml", ".ed25519", ".crt", ".key"):
-                (self.credentials_dir / f"{device_id}{suffix}").unlink(missing_ok=True)
-            (self.device_keys_dir / f"{device_id}.pub").unlink(missing_ok=True)
+            self._remove_device_files(device_id)
+
+    def _remove_device_files(self, device_id: str) -> None:
+        for suffix in (".toml", ".ed25519", ".crt", ".key"):
+            (self.credentials_dir / f"{device_id}{suffix}").unlink(missing_ok=True)
+        (self.device_keys_dir / f"{device_id}.pub").unlink(missing_ok=True)
 
     def device_public_keys(self) -> dict[str, Ed25519PublicKey]:
         """``{device_id: Ed25519 public key}`` of every device of this home."""
@@ -480,14 +594,18 @@ class BrokerHome:
             cert_file=pki / "server.crt" if self.tls else None,
             key_file=pki / "server.key" if self.tls else None,
             require_client_cert=self.client_certs,
+            bridge=self.bridge(),
         )
 
     def write_config(
         self, port: int | None, tls_port: int | None = None, bind: str = "127.0.0.1"
     ) -> Path:
         """Write mosquitto.conf and fill the broker address into the credentials files."""
-        text = render(self.mosquitto_config(port, tls_port, bind))
-        write_secret_file(self.conf_path, text, mode=0o644)
+        config = self.mosquitto_config(port, tls_port, bind)
+        # a bridge's password is inline (mosquitto 2.0 has no file for it): then 0600
+        write_secret_file(
+            self.conf_path, render(config), mode=0o644 if config.bridge is None else 0o600
+        )
         host = self.client_host(bind)
         host = f"[{host}]" if ":" in host else host
         self._set_broker_address(f"{host}:{tls_port if tls_port is not None else port}")
@@ -586,6 +704,54 @@ class BrokerHome:
         except ProcessLookupError:
             return None
         return pid
+
+
+def _upstream_bundle(
+    credentials: Path, federation: str, bridge_to: str | None
+) -> tuple[dict[str, Any], Path, str]:
+    """(loaded bundle, its file, the root's address): a site's root credentials, checked."""
+    creds = load_credentials(credentials)
+    if creds.get("role") != "device" or not creds.get("device_id"):
+        raise ConfigError(
+            f"{credentials}: not a device's credentials; the root's operator makes the "
+            "site's with `fedmq broker add-device SITE` and gives it the bundle"
+        )
+    if creds["federation"] == federation:
+        raise ConfigError(
+            f"the site's federation {federation!r} is its root's too: give the site its own "
+            "name (e.g. farm-a), or their topics collide over the bridge"
+        )
+    address = bridge_to or creds["broker"]
+    if not address:
+        raise ConfigError(f"{credentials}: no root broker address: pass --bridge-to HOST:PORT")
+    host, port = parse_address(address)
+    if any(c.isspace() for c in host) or ":" in host:
+        raise ConfigError(f"--bridge-to {address}: give HOST:PORT with a DNS name or IPv4 address")
+    return creds, credentials, f"{host}:{port}"
+
+
+def _copy_upstream(
+    directory: Path, creds: Mapping[str, Any], source: Path, address: str
+) -> dict[str, str]:
+    """Copy a site's root bundle into ``directory`` (0700, files 0600, paths rewritten to
+    the copies); the home settings that point at it."""
+    directory.mkdir(mode=0o700)
+    copied = dict(creds)
+    for key in PATH_KEYS:
+        if isinstance(creds.get(key), Path):
+            target = directory / creds[key].name
+            write_secret_file(target, creds[key].read_bytes())
+            copied[key] = target.name
+    raw = _read_toml(source, "credentials file")  # unknown keys kept, paths rewritten
+    raw |= {k: copied[k] for k in PATH_KEYS if k in raw}
+    raw["broker"] = address
+    name = f"{creds['username']}.toml"
+    header = (
+        f"fedmq credentials of site {creds['username']!r} at the root federation "
+        f"{creds['federation']!r}.\nSecret (holds a password): keep it 0600."
+    )
+    write_secret_file(directory / name, dump_toml(raw, header))
+    return {"bridge_to": address, "bridge_credentials": f"upstream/{name}"}
 
 
 def _same_host(host: str, names: Iterable[str]) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,70 @@ def wait_for_port(
             time.sleep(0.05)
 
 
+# file descriptors mosquitto needs beyond one per client: listeners, persistence, log,
+# epoll, the password and ACL files on reload (a generous round number)
+FD_OVERHEAD = 64
+FD_WANTED = 1 << 20  # what the broker asks for when it may: far past any one-box fleet
+
+
+def nofile_target(
+    soft: int, hard: int, *, privileged: bool, ceiling: int, wanted: int = FD_WANTED
+) -> tuple[int, int]:
+    """The (soft, hard) RLIMIT_NOFILE to give mosquitto: soft up to hard, and hard up
+    to ``wanted`` (bounded by the kernel's ``ceiling``, fs.nr_open) when ``privileged``.
+    mosquitto has no option for it and keeps the limit it inherits (often 1,024), so
+    each client over it is refused at accept()."""
+    infinity = resource.RLIM_INFINITY
+    if privileged and hard != infinity and hard < wanted:
+        hard = max(hard, min(wanted, ceiling))
+    return (hard if soft != infinity else soft), hard
+
+
+def _kernel_nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def _may_raise_hard_limits() -> bool:
+    """CAP_SYS_RESOURCE in the effective set: root usually, but not in every container."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 24))  # CAP_SYS_RESOURCE
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def _nofile_choices() -> list[tuple[int, int]]:
+    """The limits to try in the child, best first (computed in the parent: the child
+    makes only system calls before exec). The second is soft up to hard, for a root
+    without CAP_SYS_RESOURCE (a container) that may not raise hard."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    best = nofile_target(soft, hard, privileged=_may_raise_hard_limits(), ceiling=_kernel_nr_open())
+    return [best, nofile_target(soft, hard, privileged=False, ceiling=hard)]
+
+
+def open_files_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of process ``pid`` from /proc/<pid>/limits (None if unknown;
+    a very large number for "unlimited")."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                value = line.split()[3]
+                return sys.maxsize if value == "unlimited" else int(value)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def clients_for(fd_limit: int) -> int:
+    """How many clients a mosquitto with this many file descriptors can hold."""
+    return max(0, fd_limit - FD_OVERHEAD)
+
+
 @dataclass
 class RunningBroker:
     """A mosquitto process that this process started and will stop."""
@@ -58,6 +125,11 @@ class RunningBroker:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def fd_limit(self) -> int | None:
+        """mosquitto's open-files limit as the kernel holds it (/proc/<pid>/limits)."""
+        return open_files_limit(self.pid)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -96,6 +168,16 @@ def start_mosquitto(
 ) -> RunningBroker:
     """Launch ``mosquitto -c conf_path`` and return once a listener accepts TCP connections."""
     log_path = log_path or conf_path.with_suffix(".log")
+    choices = _nofile_choices()
+
+    def raise_fd_limit() -> None:  # in the child, before exec
+        for limits in choices:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+                return
+            except (ValueError, OSError):
+                continue  # the inherited limit stays; RunningBroker.fd_limit tells what it got
+
     out = None if foreground_log else open(log_path, "ab")  # noqa: SIM115 (owned by the child)
     try:
         proc = subprocess.Popen(
@@ -103,6 +185,7 @@ def start_mosquitto(
             stdout=out if out else None,
             stderr=subprocess.STDOUT if out else None,
             stdin=subprocess.DEVNULL,
+            preexec_fn=raise_fd_limit,
         )
     finally:
         if out:

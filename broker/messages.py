@@ -28,6 +28,10 @@
                  at most MAX_METRICS names of at most MAX_METRIC_NAME characters
     encoding     how the tensors are compressed (only with the task's [compression]):
                  ``Compression.label``, e.g. "int8/channel" or "topk/0.01"
+    partial      (a site's update only, ``aggregator/upstream.py``) JSON
+                 ``{"devices": n, "site_federation": name}``: the update is the FedAvg of
+                 n devices of that site, ``num_samples`` their total; informational (the
+                 weight is ``num_samples``), signed like the rest
     signature    Ed25519 signature of the device (optional, see broker/signing.py)
 
 An update carries the device's full locally trained weights (not a delta), unless
@@ -285,6 +289,21 @@ def decode_update(
         run_id=meta.get("run_id", ""),
         encoding=meta.get("encoding", ""),
     )
+
+
+def parse_partial(meta: Mapping[str, str]) -> int | None:
+    """How many devices a site's partial result stands for; None for a device's own update
+    (or a ``partial`` that is not a positive count)."""
+    text = meta.get("partial")
+    if not text or len(text) > 256:
+        return None
+    try:
+        devices = json.loads(text).get("devices")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int) or not 1 <= devices <= 10**9:
+        return None
+    return devices
 
 
 def parse_metrics(meta: Mapping[str, str]) -> dict[str, float]:

@@ -2,6 +2,15 @@
 
 Pure: ``render(config)`` returns the text of a mosquitto.conf; writing it and
 the password/ACL/certificate files it points at is ``broker/home.py``'s job.
+
+A site's broker (``Bridge``) also holds one bridge ``connection`` to the root
+federation's broker: it logs in there as the site's device account and maps
+topics 1:1 (the site's own federation has its own topic root, so nothing
+collides): the root's ``model`` comes in, the site's ``updates/<site>`` and
+``status/<site>`` go out, QoS 1, in a persistent session on both sides, so a
+partial result published while the uplink is down is queued by the site
+broker and delivered when it returns. The bridge speaks MQTT 3.1.1 (what
+every broker, RabbitMQ included, takes).
 """
 
 from __future__ import annotations
@@ -11,6 +20,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.limits import DEFAULT_MAX_PAYLOAD
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """The site -> root bridge: who the site is at the root, and how to reach it."""
+
+    address: str  # HOST:PORT of the root broker, as the site dials it
+    root_federation: str
+    site: str  # the site's device account at the root (and its remote client id's stem)
+    username: str
+    password: str  # mosquitto 2.0 takes it only inline: the conf is written 0600
+    ca_file: Path | None = None  # the root's CA: TLS, verified (None: plaintext)
+    cert_file: Path | None = None  # client certificate, when the root requires one
+    key_file: Path | None = None
+    try_private: bool = True  # mosquitto roots: retained flags kept; false for RabbitMQ
+    keepalive: int = 20  # seconds: a dead uplink is noticed within about 1.5x this
+    restart_base: int = 1  # reconnect backoff (decorrelated jitter) from 1 s ...
+    restart_cap: int = 15  # ... to 15 s: a returning uplink is used within seconds
+
+    @property
+    def connection_name(self) -> str:
+        return f"fedmq-site-{self.site}"
+
+    def topics(self) -> list[tuple[str, str]]:
+        """(topic, direction) of every bridged topic, as the root names it."""
+        base = f"fedmq/{self.root_federation}"
+        return [
+            (f"{base}/model", "in"),
+            (f"{base}/updates/{self.site}", "out"),
+            (f"{base}/status/{self.site}", "out"),
+        ]
 
 
 @dataclass(frozen=True)
@@ -34,6 +74,7 @@ class MosquittoConfig:
     # run as whoever starts it (mosquitto started as root would otherwise switch to the
     # "mosquitto" user, which cannot read a run directory owned by the operator)
     user: str = field(default_factory=getpass.getuser)
+    bridge: Bridge | None = None
 
 
 def render(cfg: MosquittoConfig) -> str:
@@ -79,4 +120,44 @@ def render(cfg: MosquittoConfig) -> str:
             "tls_version tlsv1.2",
             f"require_certificate {'true' if cfg.require_client_cert else 'false'}",
         ]
+    if cfg.bridge is not None:
+        lines += ["", *render_bridge(cfg.bridge)]
     return "\n".join(lines) + "\n"
+
+
+def render_bridge(bridge: Bridge) -> list[str]:
+    """The ``connection`` block of a site's bridge to the root (mosquitto 2.0 options)."""
+    if (bridge.cert_file is None) != (bridge.key_file is None):
+        raise ValueError("a bridge client certificate needs both cert_file and key_file")
+    if bridge.cert_file is not None and bridge.ca_file is None:
+        raise ValueError("a bridge client certificate needs TLS (ca_file)")
+    for value in (bridge.address, bridge.username, bridge.password):
+        if not value or any(c.isspace() for c in value):  # one token per conf line
+            raise ValueError("bridge address, username and password must be non-empty, no spaces")
+    lines = [
+        f"# bridge to the root federation {bridge.root_federation!r} as its device {bridge.site!r}",
+        f"connection {bridge.connection_name}",
+        f"address {bridge.address}",
+        "bridge_protocol_version mqttv311",
+        f"remote_clientid {bridge.connection_name}",  # stable: the root keeps its session
+        f"local_clientid fedmq-site-local-{bridge.site}",
+        f"remote_username {bridge.username}",
+        f"remote_password {bridge.password}",
+        "cleansession false",  # the root queues the model for a site that is away
+        "local_cleansession false",  # and the site broker queues the site's partials
+        "notifications false",  # no $SYS writes at the root: the site's ACL there has none
+        f"try_private {'true' if bridge.try_private else 'false'}",
+        "start_type automatic",
+        f"restart_timeout {bridge.restart_base} {bridge.restart_cap}",
+        f"keepalive_interval {bridge.keepalive}",
+    ]
+    if bridge.ca_file is not None:
+        lines += [
+            f"bridge_cafile {bridge.ca_file}",
+            "bridge_insecure false",
+            "bridge_tls_version tlsv1.2",
+        ]
+    if bridge.cert_file is not None:
+        lines += [f"bridge_certfile {bridge.cert_file}", f"bridge_keyfile {bridge.key_file}"]
+    lines += [f"topic {topic} {direction} 1" for topic, direction in bridge.topics()]
+    return lines

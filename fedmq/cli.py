@@ -49,6 +49,15 @@ def _register_broker_group() -> None:
 _register_broker_group()
 
 
+def _register_simulate() -> None:
+    from fedmq.cli_simulate import simulate
+
+    main.add_command(simulate)
+
+
+_register_simulate()
+
+
 def _stop_on_sigterm(stop) -> None:
     """SIGTERM asks the loop to stop cleanly, like Ctrl-C."""
     if threading.current_thread() is threading.main_thread():
@@ -385,6 +394,21 @@ def aggregator() -> None:
     help="Run without signatures: unsigned models, updates accepted unchecked (logged loudly). "
     "Without it, a missing key stops the aggregator.",
 )
+@click.option(
+    "--upstream",
+    "upstream_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Run as a site's edge aggregator: the site's credentials at the root federation "
+    "(upstream/<site>.toml in a home made with `fedmq broker init --bridge-credentials`). "
+    "Rounds follow the root's, the task is the root's, and each round's result goes up as "
+    "one signed partial result.",
+)
+@click.option(
+    "--secure-sum",
+    is_flag=True,
+    help="With --upstream: the site's devices send masked inputs (SecAgg+, the task's "
+    "[secure_aggregation] defaults) and the site learns only their sum, which it forwards.",
+)
 @arch_option
 @fedmq_errors
 def aggregator_start(
@@ -401,6 +425,8 @@ def aggregator_start(
     signing_key,
     device_keys,
     insecure,
+    upstream_file,
+    secure_sum,
     arch,
 ) -> None:
     """Run rounds: announce the model, collect updates, average them, checkpoint, repeat.
@@ -409,9 +435,14 @@ def aggregator_start(
     Example:
       fedmq aggregator start --config aggregator.toml --task task.toml \\
           --rounds 20 --min-devices 3 --run-dir runs/exp1
+    \b
+    At a site (its broker bridged to the root's, see `fedmq broker init --bridge-to`):
+      fedmq aggregator start --config site/credentials/fedmq-aggregator.toml \\
+          --upstream site/upstream/site-a.toml --min-devices 2 --run-dir runs/site-a
     """
     import torch
 
+    from aggregator.allocator import fix_mmap_threshold
     from aggregator.service import Aggregator, AggregatorConfig
     from broker import zoo
     from broker.errors import ConfigError, TaskError
@@ -421,9 +452,20 @@ def aggregator_start(
 
     torch.set_num_threads(threads)
     settings, federation, config = connection.resolve()
+    upstream = None
+    if upstream_file is not None:
+        if task_file is not None or rounds is not None:
+            raise ConfigError(
+                "--upstream: a site takes its task and rounds from the root; drop --task/--rounds"
+            )
+        upstream, task_file = _site_upstream(
+            upstream_file, settings, federation, deadline, secure_sum and not resume
+        )
+    elif secure_sum:
+        raise ConfigError("--secure-sum is for a site's aggregator: add --upstream FILE")
     if task_file is None and not resume:
         raise ConfigError("a new run needs --task FILE (or --resume to continue one)")
-    task = TaskSpec.load(task_file) if task_file else None
+    task = TaskSpec.load(task_file) if isinstance(task_file, Path) else task_file
     registered = architectures(config, connection.config_file, arch)
     if task is not None:
         try:
@@ -436,6 +478,7 @@ def aggregator_start(
     sign_model, verify_update = aggregator_hooks(
         signing_key or config.get("signing_key"), device_keys or config.get("device_keys")
     )
+    fix_mmap_threshold()  # a long run's heap must not keep what its busiest round held
     service = Aggregator(
         AggregatorConfig(
             connection=settings,
@@ -452,6 +495,7 @@ def aggregator_start(
             verify_update=verify_update,
             insecure=insecure,
             architectures=registered,
+            upstream=upstream,
             devices=(
                 known_devices(device_keys or config.get("device_keys")) if settings.cluster else ()
             ),
@@ -459,12 +503,36 @@ def aggregator_start(
         on_event=None,
     )
     _stop_on_sigterm(service.stop)
-    with RoundProgress(service) as progress:
-        service.on_event = progress.event
-        service.run()
+    try:
+        with RoundProgress(service) as progress:
+            service.on_event = progress.event
+            service.run()
+    finally:
+        if upstream is not None:
+            upstream.stop()
     click.echo(
         f"run directory: {run_dir} ({service.phase} after round {service.state.completed_round})"
     )
+
+
+def _site_upstream(upstream_file: Path, settings, federation: str, deadline: float, secure):
+    """(Upstream, the site's task: the root's, with a secure sum at the site if asked)
+    for a site's aggregator: connect, wait for the root's model."""
+    from aggregator.upstream import Upstream, site_task
+
+    upstream = Upstream(upstream_file, settings, site_federation=federation)
+    upstream.start()
+    try:
+        click.echo(
+            f"site {federation!r}: waiting for the root {upstream.root.federation!r}'s model"
+        )
+        root = upstream.first_model(timeout=deadline or 3600)
+        task = site_task(root.task, {"enabled": True} if secure else None)
+    except BaseException:
+        upstream.stop()
+        raise
+    click.echo(f"site {federation!r}: the root is at round {root.round}; following it")
+    return upstream, task
 
 
 def status_options(func):

@@ -21,6 +21,7 @@ from broker.home import BrokerHome
 
 DEFAULT_HOME = Path("fedmq-broker")
 DEFAULT_PORT, DEFAULT_TLS_PORT = 1883, 8883
+LIST_DEVICES = 20  # devices `init`/`up` list one by one; past that, the first and a count
 
 
 def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,6 +89,18 @@ def broker() -> None:
     "the plaintext listener takes a password alone).",
 )
 @click.option("--no-plaintext", is_flag=True, help="Never open an unencrypted listener.")
+@click.option(
+    "--bridge-credentials",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Make a site's broker: the site's credentials at the root federation (made there "
+    "with `fedmq broker add-device SITE`; the files it names sit beside it). They are copied "
+    "into DIRECTORY/upstream/ and the broker bridges to the root's with them.",
+)
+@click.option(
+    "--bridge-to",
+    metavar="HOST:PORT",
+    help="The root broker's address as this site dials it. [default: the bundle's]",
+)
 @_errors
 def init(
     directory: Path,
@@ -96,9 +109,18 @@ def init(
     no_tls: bool,
     client_certs: bool,
     no_plaintext: bool,
+    bridge_credentials: Path | None,
+    bridge_to: str | None,
 ) -> None:
     """Create a broker home in DIRECTORY: CA and server certificate, password file, ACL,
-    signing keys, and the aggregator and operator accounts."""
+    signing keys, and the aggregator and operator accounts.
+
+    \b
+    A site (its own broker and edge aggregator, bridged to the root federation):
+      (at the root)  fedmq broker add-device site-a --home ./root-broker
+      (at the site)  fedmq broker init ./site-broker --federation farm-a \\
+                         --bridge-credentials site-a.toml --bridge-to root.example:8883
+    """
     home = BrokerHome.create(
         directory,
         federation,
@@ -106,11 +128,19 @@ def init(
         tls=not no_tls,
         client_certs=client_certs,
         plaintext=not no_plaintext,
+        bridge_to=bridge_to,
+        bridge_credentials=bridge_credentials,
     )
     _describe(home)
     click.echo("next:")
     click.echo(f"  fedmq broker up --home {_q(home.path)}")
     click.echo(f"  fedmq broker add-device DEVICE_ID --home {_q(home.path)}")
+    if home.upstream_path is not None:
+        aggregator = home.credentials_path("fedmq-aggregator")
+        click.echo(
+            f"  fedmq aggregator start --config {_q(aggregator)} "
+            f"--upstream {_q(home.upstream_path)} --run-dir RUN_DIR"
+        )
 
 
 def _describe(home: BrokerHome) -> None:
@@ -122,9 +152,22 @@ def _describe(home: BrokerHome) -> None:
     )
     if home.tls:
         click.echo(f"  CA certificate: {home.ca_path}")
+    bridge = home.bridge()
+    if bridge is not None:
+        click.echo(
+            f"  bridge: to {bridge.address} as {bridge.site!r} of the root federation "
+            f"{bridge.root_federation!r} ({'TLS' if bridge.ca_file else 'plaintext'}); "
+            f"root credentials: {home.upstream_path}"
+        )
     click.echo("  credentials (secret, 0600):")
-    for account, role in sorted(home.accounts().items(), key=lambda kv: (kv[1], kv[0])):
-        click.echo(f"    {role:<10} {home.credentials_path(account)}")
+    accounts = sorted(home.accounts().items(), key=lambda kv: (kv[1], kv[0]))
+    devices = [a for a, role in accounts if role == "device"]
+    for account, role in accounts:
+        if role == "device" and len(devices) > LIST_DEVICES and account != devices[0]:
+            continue
+        click.echo(f"    {role:<10} {home.credentials_dir / f'{account}.toml'}")
+        if role == "device" and len(devices) > LIST_DEVICES:  # a simulated fleet: one line
+            click.echo(f"    {'':<10} ... and {len(devices) - 1:,} more, up to {devices[-1]}")
 
 
 @broker.command(short_help="Run mosquitto in the foreground.")
@@ -198,6 +241,7 @@ def up(
                 "LAN restart with --bind 0.0.0.0 (or this machine's LAN address)"
             )
         click.echo(f"  log: {home.log_path}")
+        _say_fd_limit(home, running.fd_limit)
         click.echo(f"mosquitto running (pid {running.pid}); Ctrl-C stops it")
         code = running.proc.wait()
         if code != 0:  # 0: it was stopped by a signal (Ctrl-C reaches it too)
@@ -208,6 +252,30 @@ def up(
         running.stop()
         signal.signal(signal.SIGTERM, previous)
     click.echo("stopped")
+
+
+def fd_limit_lines(fd_limit: int | None, devices: int) -> list[str]:
+    """What `broker up` says about mosquitto's open-files limit for ``devices`` devices."""
+    from broker.launcher import FD_OVERHEAD, clients_for
+
+    if fd_limit is None:
+        return ["  file descriptors: unknown (no /proc); each client needs one"]
+    room = clients_for(fd_limit)
+    lines = [f"  file descriptors: {fd_limit:,} (room for about {room:,} clients)"]
+    needed = devices + 2 + FD_OVERHEAD  # the devices, the aggregator and the operator
+    if needed > fd_limit:
+        lines.append(
+            f"  warning: {devices:,} devices need about {needed:,} file descriptors but "
+            f"mosquitto got {fd_limit:,}: connections past {room:,} will be refused. Raise "
+            "the hard limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit), or start the broker "
+            "as root with CAP_SYS_RESOURCE, which lets it raise the limit itself"
+        )
+    return lines
+
+
+def _say_fd_limit(home: BrokerHome, fd_limit: int | None) -> None:
+    for line in fd_limit_lines(fd_limit, len(home.devices())):
+        click.echo(line, err=line.startswith("  warning"))
 
 
 def _hostport(host: str, port: int) -> str:
@@ -255,6 +323,45 @@ def add_device(device_id: str, home_dir: Path | None, address: str | None) -> No
         )
     click.echo("then run on the device:")
     click.echo(f"  fedmq agent run --config {_q(path)} --data <your data file>")
+
+
+@broker.command("add-devices", short_help="Add many devices at once (numbered ids).")
+@click.option("--prefix", required=True, help="Device ids are PREFIX followed by a number.")
+@click.option("--count", type=click.IntRange(min=1), required=True, help="How many devices.")
+@click.option(
+    "--start", type=click.IntRange(min=0), default=0, show_default=True, help="First number."
+)
+@_home_option
+@click.option("--broker", "address", help="HOST:PORT the devices dial (as for add-device).")
+@_errors
+def add_devices(
+    prefix: str, count: int, start: int, home_dir: Path | None, address: str | None
+) -> None:
+    """Create COUNT device accounts, PREFIX00000 upwards, in one pass.
+
+    Each device gets its own password, signing key, identity certificate and
+    credentials file, as with add-device; the password file and account list are
+    written once for the whole batch, so 10,000 devices take seconds. A running
+    broker is reloaded. Used for `fedmq simulate` fleets.
+
+    \b
+    Example: sim00000 ... sim09999
+      fedmq broker add-devices --prefix sim --count 10000 --home ./fedmq-broker
+    """
+    import time
+
+    home = BrokerHome(home_dir or DEFAULT_HOME)
+    width = max(5, len(str(start + count - 1)))
+    ids = [f"{prefix}{i:0{width}d}" for i in range(start, start + count)]
+    began = time.perf_counter()
+    paths = home.add_devices(ids, broker=address)
+    seconds = time.perf_counter() - began
+    click.echo(
+        f"added {len(paths):,} devices ({ids[0]} ... {ids[-1]}) to federation "
+        f"{home.federation!r} in {seconds:.1f} s"
+    )
+    click.echo(f"credentials: {home.credentials_dir}/<device>.toml")
+    click.echo(_reload_message(home, "they can connect now"))
 
 
 @broker.command("remove-device", short_help="Revoke a device and reload the broker.")

@@ -62,6 +62,24 @@ def trained_weights(index: int, base: dict[str, torch.Tensor]) -> dict[str, torc
     return {k: base[k] + delta[k] for k in base}
 
 
+def synthetic_update(index: int, device_id: str, model: messages.ModelMessage, sign) -> bytes:
+    """Device ``index``'s plain update payload for ``model``: the model plus its synthetic
+    delta, signed with ``sign(tensors, meta)`` (None: unsigned)."""
+    tensors = trained_weights(index, model.tensors)
+    meta = messages.update_metadata(
+        round_=model.round,
+        device_id=device_id,
+        num_samples=synthetic_samples(index),
+        base_hash=model.model_hash,
+        metrics={"train_loss": 0.5},
+        federation=model.federation,
+        run_id=model.run_id,
+    )
+    if sign is not None:
+        meta["signature"] = sign(tensors, meta)
+    return codec.encode(tensors, meta)
+
+
 def expected_fedavg(base: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
     """Plain FedAvg (float64) of those devices' synthetic updates from ``base``."""
     total = sum(synthetic_samples(i) for i in indices)
@@ -191,19 +209,7 @@ class SimDevice:
         self._send("keys", self.topics.secagg(self.device_id), self.secure.keys_message())
 
     def _update(self, model: messages.ModelMessage) -> bytes:
-        """A plain signed update: the model plus this device's synthetic delta."""
-        tensors = trained_weights(self.index, model.tensors)
-        meta = messages.update_metadata(
-            round_=model.round,
-            device_id=self.device_id,
-            num_samples=synthetic_samples(self.index),
-            base_hash=model.model_hash,
-            metrics={"train_loss": 0.5},
-            federation=model.federation,
-            run_id=model.run_id,
-        )
-        meta["signature"] = self.sign(tensors, meta)
-        return codec.encode(tensors, meta)
+        return synthetic_update(self.index, self.device_id, model, self.sign)
 
     def _on_secure(self, topic: str, payload: bytes) -> None:
         me = self.device_id

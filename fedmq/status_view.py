@@ -42,9 +42,13 @@ def header(state: dict, now: float) -> Text:
     from fedmq.operator import no_aggregator
 
     agg = state.get("aggregator") or {}
+    upstream = state.get("upstream") or {}
+    of = f" of {state['rounds']}" if state.get("rounds") else ""
+    if upstream.get("root_federation"):
+        of = f" (a site of {upstream['root_federation']}, as {upstream.get('site')})"
     text = Text(
-        f"federation {state.get('federation')}: round {state.get('round')} of "
-        f"{state.get('rounds')}, {state.get('phase')}"
+        f"federation {state.get('federation')}: round {state.get('round')}{of}, "
+        f"{state.get('phase')}"
         + (f", strategy {state['strategy']}" if state.get("strategy") else ""),
         style="bold",
     )

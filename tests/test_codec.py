@@ -13,6 +13,7 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -166,6 +167,30 @@ def test_decoded_tensors_own_their_memory():
     decoded = codec.decode(payload)
     decoded.tensors["w"] += 1  # writable: frombuffer over a private copy
     assert torch.equal(codec.decode(payload).tensors["w"], torch.ones(4))
+
+
+def test_decoding_without_a_copy_shares_the_payload_where_it_is_aligned():
+    big = codec.SHARE_MIN // 4  # elements: smaller tensors are copied, which costs less
+    tensors = {
+        "a": torch.arange(big, dtype=torch.float32),
+        "b": torch.arange(big, dtype=torch.int64),
+    }
+    payload = codec.encode(tensors, {})
+    shared = codec.decode(payload, copy=False).tensors
+    start = np.frombuffer(payload, dtype=np.uint8).ctypes.data
+    for name, value in tensors.items():
+        assert torch.equal(shared[name], value)
+        assert start <= shared[name].data_ptr() < start + len(payload)  # no copy
+    # a hostile header can push the data off alignment: then it is copied, still exact
+    header = {"w": {"dtype": "F32", "shape": [big], "data_offsets": [0, 4 * big]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * ((-(len(raw) + 8)) % 8 + 1)  # data starts one byte past 8-alignment
+    odd = struct.pack("<Q", len(raw)) + raw + tensors["a"].numpy().tobytes()
+    w = codec.decode(odd, copy=False).tensors["w"]
+    assert torch.equal(w, tensors["a"])
+    odd_start = np.frombuffer(odd, dtype=np.uint8).ctypes.data
+    assert (odd_start + 8 + len(raw)) % 4 != 0  # the fault really is there
+    assert not odd_start <= w.data_ptr() < odd_start + len(odd)
 
 
 def test_hand_built_payload_decodes():

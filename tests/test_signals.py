@@ -123,9 +123,12 @@ def test_the_inbox_is_bounded_in_bytes_not_only_in_messages():
     threading.Thread(target=put_second, daemon=True).start()
     assert waiting.wait(5)  # 120 bytes would exceed the bound: the sender waits
     assert not second_in.is_set() and inbox.bytes == 60
-    assert [i.mid for i in inbox.take(10, timeout=1)] == [1]
+    taken = inbox.take(10, timeout=1)
+    assert [i.mid for i in taken] == [1]
+    assert not second_in.wait(0.3)  # taken but still being handled: still no room
+    inbox.done(taken)
     assert second_in.wait(5)  # room again
-    assert [i.mid for i in inbox.take(10, timeout=1)] == [2]
+    inbox.done(inbox.take(10, timeout=1))
     big = Inbound("t", b"z" * 1000, 3, 1)  # larger than the bound: let into an empty inbox
     assert inbox.put(big, lambda: False) and inbox.bytes == 1000
     assert not inbox.put(Inbound("t", b"w", 4, 1), lambda: True)  # stopping: gives up

@@ -233,3 +233,43 @@ def test_differential_privacy_reports_epsilon_after_every_round(federation, tmp_
     assert all(torch.isfinite(w).all() for w in weights.values())
     key = (tmp_path / "dp" / "secret.key").stat()
     assert key.st_mode & 0o077 == 0, oct(key.st_mode)  # the noise key: the aggregator's only
+
+
+def test_fedbuff_defers_updates_that_arrive_in_one_batch_after_the_buffer_is_full(
+    federation, tmp_path
+):
+    """Three updates reach a paused aggregator at once; its buffer takes the first two, and
+    the third is neither folded into that buffer nor lost: it counts in the next one, one
+    version stale. (Under load the engine once folded all three: the batch outran the rule.)"""
+    from broker.topics import Topics
+    from fedmq.loadgen import signed_update
+    from fedmq.operator import send_control
+    from tests.helpers import current_model, publish_as
+
+    strategy = {"name": "fedbuff", "buffer_size": 2, "max_staleness": 3}
+    fed = federation(devices=DEVICES, name="deferred")
+    task = TaskSpec.load(task_file(tmp_path / "task.toml", strategy))
+    agg = fed.aggregator(tmp_path / "run", task, rounds=2, min_devices=1, deadline=None)
+    thread = fed.in_thread(agg.run, timeout=120)
+    wait_for(lambda: agg.phase == "collecting", 20, "the first round")
+    operator = fed.settings("fedmq-operator")
+    send_control(operator, fed.name, "pause", expect_phases={"paused"})
+    model = current_model(fed, DEVICES[0])
+    topics = Topics(fed.name)
+    for i, device in enumerate(DEVICES):
+        _, payload = signed_update(fed.credentials(device), model, num_samples=10, scale=0.01 * i)
+        publish_as(fed, device, topics.update(device), payload)
+    wait_for(lambda: agg.current.accepted + len(agg._inbox) >= 3, 20, "all three updates to arrive")
+    assert agg.current.accepted == 2 and len(agg._inbox) == 1
+    send_control(operator, fed.name, "resume", expect_phases={"collecting"})
+    wait_for(lambda: agg.state.completed_round >= 1, 20, "the first buffer to close")
+    first = RunDir(tmp_path / "run").metrics()[0]["contributors"]
+    assert len(first) == 2
+    late = (set(DEVICES) - set(first)).pop()
+    fresh = current_model(fed, first[0])
+    assert fresh.round == 2
+    _, payload = signed_update(fed.credentials(first[0]), fresh, num_samples=10, scale=0.0)
+    publish_as(fed, first[0], topics.update(first[0]), payload)
+    assert join(thread, 60) == 0
+    rows = RunDir(tmp_path / "run").metrics()
+    assert sorted(rows[1]["contributors"]) == sorted([first[0], late])
