@@ -241,7 +241,7 @@ class Client(mqtt.Client):
         if self.fedmq_fallback and not self._fedmq_connack and self._sock_was_open():
             if not self.mqtt5:  # 3.1.1 closed too: something else (the watch says what)
                 self._use(mqtt.MQTTv5)
-            elif probe_mqtt5(self.fedmq_settings) == "closed":
+            elif _refuses_mqtt5(self.fedmq_settings):
                 # closed without answering an MQTT 5 CONNECT, again, on a fresh socket:
                 # RabbitMQ 3.10 does that. A broker that was restarting or full answers the
                 # probe (even "not authorized") and keeps MQTT 5. Try 3.1.1 without a word
@@ -272,6 +272,15 @@ class Client(mqtt.Client):
         if not self.mqtt5:
             properties = None  # e.g. message expiry: see FALLBACK_NOTE
         return super().publish(topic, payload, qos, retain, properties)
+
+
+def _refuses_mqtt5(settings: ConnectionSettings) -> bool:
+    """Two probes half a second apart both closed unanswered: a broker in the middle of
+    shutting down or restarting may close one, RabbitMQ 3.10 closes every one."""
+    if probe_mqtt5(settings) != "closed":
+        return False
+    time.sleep(0.5)
+    return probe_mqtt5(settings) == "closed"
 
 
 def probe_mqtt5(settings: ConnectionSettings, timeout: float = 3.0) -> str:
