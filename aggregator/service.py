@@ -50,6 +50,7 @@ from broker import codec, compression, compression_settings, messages, signals, 
 from broker.connection import ConnectionSettings, ConnectionWatch, connect_async, make_client
 from broker.errors import CodecError, ConfigError, FedmqError
 from broker.retained import read_retained
+from broker.retained_mirror import RetainedMirror, read_on_every_node
 from broker.secagg import wire as secagg_wire
 from broker.secagg.plan import MIN_ROSTER, SecurePlan
 from broker.task import TaskSpec
@@ -103,6 +104,9 @@ class AggregatorConfig:
     architectures: zoo.Registry | None = None
     # a site's edge aggregator: rounds follow the root's, results go up as partials
     upstream: Upstream | None = None
+    # the federation's devices (its device_keys): on a cluster (connection.cluster, where
+    # RabbitMQ sends no retained message to status/+) their statuses are read one by one
+    devices: tuple[str, ...] = ()
 
 
 @dataclass
@@ -328,6 +332,15 @@ class Aggregator:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # a cluster that keeps retained messages node-local: copy them to every node
+        self._mirror = RetainedMirror(
+            config.connection,
+            f"fedmq-aggregator-{config.federation}",
+            log,
+            will=(self.topics.aggregator, self.presence.encode(status="offline")),
+            throttle={self.topics.state: HEARTBEAT},
+        )
+        self._mirror.attach(self.client)
 
     @property
     def instance(self) -> str:
@@ -395,8 +408,10 @@ class Aggregator:
                 receive_maximum=RECEIVE_MAXIMUM,
             )
             self.client.loop_start()
+            self._mirror.start()
             try:
                 watch.wait_connected(CONNECT_TIMEOUT)
+                self._read_cluster_statuses()
                 code = self._loop(timeout)
                 watch.raise_if_fatal()
                 return code
@@ -422,6 +437,7 @@ class Aggregator:
             self._stop.set()
             self.client.disconnect()
             self.client.loop_stop()
+            self._mirror.stop(timeout=0)
             return
         self._publish_state(force=True)
         if self._connected.is_set():
@@ -429,6 +445,7 @@ class Aggregator:
         self._stop.set()  # from here on a disconnect is ours, not a lost link
         self.client.disconnect()
         self.client.loop_stop()
+        self._mirror.stop()
 
     def stop(self) -> None:
         self._stop.set()
@@ -452,6 +469,40 @@ class Aggregator:
                 f"another aggregator is running federation {self.config.federation!r} "
                 f"({reason}); stop it first (`fedmq aggregator stop`)"
             )
+
+    def _read_cluster_statuses(self) -> None:
+        """On a cluster, the known devices' retained statuses from every node (a device's
+        is on the node it dials). Nodes that disagree (a device moved): offline wins."""
+        if not self.config.connection.cluster or not self.config.devices:
+            return
+        topics = [self.topics.status(d) for d in self.config.devices]
+        merged: dict[str, bytes] = {}
+        try:  # ~4 ms a topic on RabbitMQ 3.10 here: give big fleets the time they need
+            nodes = read_on_every_node(
+                self.config.connection,
+                topics,
+                client_prefix=f"fedmq-aggregator-{self.config.federation}-status",
+                timeout=max(CONNECT_TIMEOUT, len(topics) / 100),
+                log=log,
+            )
+        except FedmqError as exc:
+            log.warning(
+                "could not read the devices' retained statuses from the cluster (%s); a "
+                "device is known from its next status",
+                exc,
+            )
+            return
+        for found in nodes:
+            for topic, payload in found.items():
+                if topic not in merged or _says_offline(payload):
+                    merged[topic] = payload
+        for topic, payload in merged.items():
+            self._handle_status(Inbound(topic, payload, 0, 0))
+        log.info(
+            "clustered broker: read %d retained device statuses from %d nodes",
+            len(merged),
+            len(self.config.connection.cluster),
+        )
 
     def _loop(self, timeout: float | None) -> int:
         self._loop_started = time.monotonic()
@@ -748,7 +799,7 @@ class Aggregator:
         if not alive:  # ours, offline, or the retained one of a killed predecessor
             return
         where = f"pid {other.pid} on {other.host}"
-        if signals.yields_to(self.presence, other):
+        if signals.yields_to(self.presence, other) and self._still_retained(other):
             self._superseded = (
                 f"another aggregator of federation {self.config.federation!r} ({where}) "
                 "started earlier and runs; this one stops"
@@ -757,6 +808,24 @@ class Aggregator:
         else:
             log.warning("a second aggregator (%s) connected; it should stop", where)
             self._publish_presence()
+
+    def _still_retained(self, other: signals.Presence) -> bool:
+        """Whether ``other``'s presence is still the retained one: a live message may be a
+        late copy from a node of a cluster (broker/retained_mirror.py) that reached this
+        session's queue after ``other`` had already left, and said offline."""
+        if not self.config.connection.cluster:
+            return True
+        try:
+            found = read_retained(
+                self.config.connection,
+                [self.topics.aggregator],
+                client_prefix=f"fedmq-aggregator-{self.config.federation}-probe",
+                timeout=5,
+            )
+            now = signals.parse_presence(found.get(self.topics.aggregator, b""))
+        except (CodecError, FedmqError):
+            return True  # cannot tell: yield, as without a cluster
+        return now is not None and now.instance == other.instance and now.status == "online"
 
     def _handle_control(self, item: Inbound) -> None:
         try:
@@ -1324,3 +1393,10 @@ def initial_weights(
 ) -> dict[str, torch.Tensor]:
     model = zoo.build_model(task.model, seed=task.seed, registry=architectures)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _says_offline(status: bytes) -> bool:
+    try:
+        return signals.parse_status(status).status == "offline"
+    except CodecError:
+        return False

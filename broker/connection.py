@@ -4,6 +4,14 @@ Every client is MQTT 5 with the paho-mqtt 2 callback API, a stable client id and
 a persistent session (``clean_start=False`` plus a session expiry), reconnects
 with exponential backoff, and TLS when a CA file is given. A ``ConnectionWatch``
 turns paho's silent retrying into one specific line (``broker/diagnose.py``).
+
+Where the broker speaks only MQTT 3.1.1 (RabbitMQ 3.10's MQTT plugin closes the
+socket on an MQTT 5 CONNECT; other brokers answer CONNACK 1, "unacceptable
+protocol version"), the client falls back to 3.1.1 by itself and says once what
+that costs (``FALLBACK_NOTE``); ``mqtt_version = 3`` in the credentials file or
+``FEDMQ_MQTT_VERSION=3`` chooses 3.1.1 from the start. The rest of fedmq does not
+change: ``subscribe`` takes ``SubscribeOptions`` either way (on 3.1.1 only their
+QoS is sent) and publish properties are dropped on 3.1.1.
 """
 
 from __future__ import annotations
@@ -27,6 +35,13 @@ from broker import diagnose
 from broker.diagnose import Problem
 from broker.errors import BrokerError, ConfigError
 
+MQTT_VERSION_ENV = "FEDMQ_MQTT_VERSION"
+FALLBACK_NOTE = (
+    "no receive maximum (the broker's own prefetch, 10 on RabbitMQ, bounds the "
+    "unacknowledged messages it sends), no message expiry (a control command names the "
+    "aggregator instance it is for, so a later one ignores it), no session expiry (a "
+    "persistent session lasts until the broker drops it), no retain handling"
+)
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps a disconnected client's session
 RECONNECT_MIN, RECONNECT_MAX = 1, 30  # seconds of backoff
 
@@ -43,6 +58,11 @@ class ConnectionSettings:
     # seconds between MQTT keepalive pings; None: FEDMQ_KEEPALIVE, else 30. paho's network
     # thread sends them, so a device busy training for an hour still answers
     keepalive: int | None = None
+    # 3 (MQTT 3.1.1) or 5; None: FEDMQ_MQTT_VERSION, else MQTT 5 with a fallback to 3.1.1
+    mqtt_version: int | None = None
+    # every node of a clustered broker that keeps retained messages on the node that got
+    # them (RabbitMQ): the aggregator publishes its retained messages to each (cluster.py)
+    cluster: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -76,8 +96,12 @@ def settings_from(
     ca_file: str | Path | None = None,
     cert_file: str | Path | None = None,
     key_file: str | Path | None = None,
+    mqtt_version: Any = None,
+    cluster: Any = None,
+    where: str = "the credentials",
 ) -> ConnectionSettings:
-    """Settings from CLI/config values; a password may come from a 0600 file instead of argv."""
+    """Settings from CLI/config values; a password may come from a 0600 file instead of argv.
+    ``mqtt_version`` and ``cluster`` are the credentials file's values, checked here."""
     host, port = parse_address(broker)
     if password is None and password_file:
         try:
@@ -93,7 +117,206 @@ def settings_from(
             paths[name] = p
         else:
             paths[name] = None
-    return ConnectionSettings(host, port, username, password, **paths)
+    return ConnectionSettings(
+        host,
+        port,
+        username,
+        password,
+        **paths,
+        mqtt_version=check_mqtt_version(mqtt_version, where),
+        cluster=check_cluster(cluster, where),
+    )
+
+
+def check_mqtt_version(value: Any, where: str) -> int | None:
+    """A credentials file's ``mqtt_version``: 3, 5 or absent."""
+    if value is not None and (isinstance(value, bool) or value not in (3, 5)):
+        raise ConfigError(f"{where}: mqtt_version is {value!r}: use 3 (MQTT 3.1.1) or 5")
+    return value
+
+
+def check_cluster(value: Any, where: str) -> tuple[str, ...]:
+    """A credentials file's ``cluster``: the "HOST:PORT" of every node of a clustered broker."""
+    if not value:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ConfigError(f'{where}: cluster must be a list of "HOST:PORT" strings')
+    for node in value:
+        try:
+            parse_address(node)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: cluster: {exc}") from None
+    return tuple(value)
+
+
+def requested_version(settings: ConnectionSettings) -> int | None:
+    """3 or 5 when chosen (settings, else FEDMQ_MQTT_VERSION); None: 5, falling back to 3."""
+    value: Any = settings.mqtt_version
+    source = "mqtt_version"
+    if value is None:
+        value, source = os.environ.get(MQTT_VERSION_ENV, "").strip() or None, MQTT_VERSION_ENV
+    if value is None or value == "auto":
+        return None
+    version = {"3": 3, "3.1.1": 3, "311": 3, "5": 5, "5.0": 5}.get(str(value))
+    if version is None:
+        raise ConfigError(f"{source} is {value!r}: use 3 (MQTT 3.1.1), 5 (MQTT 5) or auto")
+    return version
+
+
+# addresses where this process saw a broker refuse MQTT 5 and accept 3.1.1: later
+# clients of the same broker start with 3.1.1 (one fallback per process, not per client)
+_speaks_311: set[str] = set()
+_told: set[str] = set()  # addresses using 3.1.1 so far: the first one is logged
+_told_lock = threading.Lock()
+_log = logging.getLogger("fedmq.connection")
+
+
+class Client(mqtt.Client):
+    """paho's client, speaking MQTT 5 or 3.1.1 behind the same interface.
+
+    ``fallback``: start with MQTT 5 and, when the broker closes the socket or answers
+    CONNACK 1 instead of accepting it, retry with 3.1.1 (then 5 again, and so on, until
+    one of them gets a CONNACK; only a 3.1.1 attempt's failure is reported). The first
+    3.1.1 CONNACK logs one line saying so."""
+
+    def __init__(
+        self, settings: ConnectionSettings, *, version: int | None, persistent: bool, **kwargs: Any
+    ) -> None:
+        fallback = version is None
+        v311 = version == 3 or (fallback and settings.address in _speaks_311)
+        kwargs["protocol"] = mqtt.MQTTv311 if v311 else mqtt.MQTTv5
+        if v311:
+            kwargs["clean_session"] = not persistent
+        super().__init__(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, **kwargs)
+        self.fedmq_address = settings.address
+        self.fedmq_settings = settings
+        self.fedmq_persistent = persistent
+        self.fedmq_fallback = fallback
+        self.fedmq_switching = False  # the last attempt ended without a CONNACK: switched
+        self._fedmq_connack = False
+        self._fedmq_v5_properties: Properties | None = None
+
+    @property
+    def mqtt5(self) -> bool:
+        return self._protocol == mqtt.MQTTv5
+
+    def _use(self, protocol: int) -> None:
+        if protocol == mqtt.MQTTv311:
+            self._fedmq_v5_properties = self._connect_properties or self._fedmq_v5_properties
+            self._connect_properties = None
+            self._clean_session = not self.fedmq_persistent
+        else:
+            self._connect_properties = self._fedmq_v5_properties
+        self._protocol = protocol
+
+    # -- paho internals (network thread) -----------------------------------------------
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        self._fedmq_connack = False
+        self.fedmq_switching = False
+        return super().reconnect()
+
+    def _handle_connack(self) -> mqtt.MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        refused_v5 = self.mqtt5 and len(packet) >= 2 and packet[1] == 1
+        if refused_v5 and self.fedmq_fallback:
+            # "unacceptable protocol version" (MQTT 3.1.1's CONNACK 1): try 3.1.1 next
+            self._use(mqtt.MQTTv311)
+            self.fedmq_switching = True
+            return super().reconnect()
+        self._fedmq_connack = True
+        if not self.mqtt5 and self.fedmq_fallback and packet[1:2] == b"\x00":
+            _speaks_311.add(self.fedmq_address)
+            with _told_lock:  # one line per process: the nodes of a cluster say the same
+                tell = not _told
+                _told.add(self.fedmq_address)
+            _log.log(
+                logging.WARNING if tell else logging.DEBUG,
+                "the broker at %s does not speak MQTT 5: using MQTT 3.1.1 (%s)",
+                self.fedmq_address,
+                FALLBACK_NOTE,
+            )
+        return super()._handle_connack()
+
+    def _do_on_disconnect(self, packet_from_broker, v1_rc, reason=None, properties=None) -> None:
+        if self.fedmq_fallback and not self._fedmq_connack and self._sock_was_open():
+            if not self.mqtt5:  # 3.1.1 closed too: something else (the watch says what)
+                self._use(mqtt.MQTTv5)
+            elif _refuses_mqtt5(self.fedmq_settings):
+                # closed without answering an MQTT 5 CONNECT, again, on a fresh socket:
+                # RabbitMQ 3.10 does that. A broker that was restarting or full answers the
+                # probe (even "not authorized") and keeps MQTT 5. Try 3.1.1 without a word
+                self.fedmq_switching = True
+                self._use(mqtt.MQTTv311)
+        super()._do_on_disconnect(packet_from_broker, v1_rc, reason, properties)
+
+    def _sock_was_open(self) -> bool:
+        # paho reports a refused TCP connection through on_connect_fail, not here
+        return self._state not in (
+            mqtt._ConnectionState.MQTT_CS_NEW,
+            mqtt._ConnectionState.MQTT_CS_CONNECT_ASYNC,
+        )
+
+    # -- the same interface on both versions ---------------------------------------------
+    def subscribe(self, topic: Any, qos: int = 0, options: Any = None, properties: Any = None):
+        if self.mqtt5:
+            return super().subscribe(topic, qos, options, properties)
+        if options is not None:
+            qos, options = options.QoS, None
+        if isinstance(topic, tuple):
+            topic = (topic[0], _qos_of(topic[1]))
+        elif isinstance(topic, list):
+            topic = [(t, _qos_of(o)) for t, o in topic]
+        return super().subscribe(topic, qos)
+
+    def publish(self, topic, payload=None, qos=0, retain=False, properties=None):
+        if not self.mqtt5:
+            properties = None  # e.g. message expiry: see FALLBACK_NOTE
+        return super().publish(topic, payload, qos, retain, properties)
+
+
+def _refuses_mqtt5(settings: ConnectionSettings) -> bool:
+    """Two probes half a second apart both closed unanswered: a broker in the middle of
+    shutting down or restarting may close one, RabbitMQ 3.10 closes every one."""
+    if probe_mqtt5(settings) != "closed":
+        return False
+    time.sleep(0.5)
+    return probe_mqtt5(settings) == "closed"
+
+
+def probe_mqtt5(settings: ConnectionSettings, timeout: float = 3.0) -> str:
+    """Send a bare MQTT 5 CONNECT (no credentials) on a new socket: "answered" (a CONNACK,
+    whatever it says), "closed" (the socket closed unanswered: no MQTT 5 there) or
+    "unknown" (unreachable, TLS trouble, silence)."""
+    import socket
+
+    client_id = f"fedmq-probe-{os.urandom(4).hex()}".encode()
+    body = b"\x00\x04MQTT\x05\x02\x00\x0a\x00" + len(client_id).to_bytes(2, "big") + client_id
+    packet = b"\x10" + bytes([len(body)]) + body
+    try:
+        sock = socket.create_connection((settings.host, settings.port), timeout=timeout)
+    except OSError:
+        return "unknown"
+    try:
+        if settings.tls:
+            context = ssl.create_default_context(cafile=str(settings.ca_file))
+            if settings.cert_file is not None:
+                context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+            sock = context.wrap_socket(sock, server_hostname=settings.host)
+        sock.sendall(packet)
+        first = sock.recv(1)
+    except (ConnectionResetError, BrokenPipeError):
+        return "closed"
+    except (OSError, ValueError):
+        return "unknown"
+    finally:
+        sock.close()
+    if not first:
+        return "closed"
+    return "answered" if first[0] >> 4 == 2 else "unknown"
+
+
+def _qos_of(option: Any) -> int:
+    return option.QoS if isinstance(option, mqtt.SubscribeOptions) else int(option)
 
 
 def make_client(
@@ -103,13 +326,12 @@ def make_client(
     persistent: bool = True,
     manual_ack: bool = False,
     will: tuple[str, bytes] | None = None,
-) -> mqtt.Client:
-    """A configured, not yet connected, MQTT 5 client. ``will`` is (topic, payload), retained."""
-    client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-        manual_ack=manual_ack,
+) -> Client:
+    """A configured, not yet connected client: MQTT 5 unless the settings or the broker say
+    3.1.1 (``requested_version``). ``will`` is (topic, payload), retained."""
+    version = requested_version(settings)
+    client = Client(
+        settings, version=version, persistent=persistent, client_id=client_id, manual_ack=manual_ack
     )
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password)
@@ -147,14 +369,37 @@ def connect_async(
     """Start connecting in the background; paho's loop keeps reconnecting with backoff.
 
     ``receive_maximum`` caps the QoS 1 messages the broker sends before they are
-    acknowledged: with manual acks, it bounds how many payloads wait in memory."""
+    acknowledged: with manual acks, it bounds how many payloads wait in memory (on MQTT
+    3.1.1 there is none: the broker's prefetch does that)."""
+    keepalive = settings.keepalive or int(os.environ.get("FEDMQ_KEEPALIVE", "30"))
+    properties = connect_properties(persistent, receive_maximum)
+    if isinstance(client, Client) and not client.mqtt5:
+        client._fedmq_v5_properties = properties  # should it switch back to MQTT 5
+        client.connect_async(settings.host, settings.port, keepalive=keepalive)
+        _say_chosen(client)
+        return
     client.connect_async(
         settings.host,
         settings.port,
-        keepalive=settings.keepalive or int(os.environ.get("FEDMQ_KEEPALIVE", "30")),
+        keepalive=keepalive,
         clean_start=not persistent,
-        properties=connect_properties(persistent, receive_maximum),
+        properties=properties,
     )
+
+
+def _say_chosen(client: Client) -> None:
+    """Once per process: MQTT 3.1.1 was asked for, and what it does without."""
+    if client.fedmq_fallback:
+        return  # said when the broker refused MQTT 5
+    with _told_lock:
+        tell = not _told
+        _told.add(client.fedmq_address)
+    if tell:
+        _log.info(
+            "using MQTT 3.1.1 with the broker at %s (mqtt_version = 3): %s",
+            client.fedmq_address,
+            FALLBACK_NOTE,
+        )
 
 
 class ConnectionWatch:
@@ -270,6 +515,8 @@ class ConnectionWatch:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        if getattr(client, "fedmq_switching", False):
+            return  # MQTT 5 refused: the next attempt is MQTT 3.1.1 (or the other way round)
         if not self._connack_seen and reason_code.is_failure:
             self.report(diagnose.closed_before_connack(self.settings))
 

@@ -40,7 +40,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from broker import identity
 from broker.acl import AGGREGATOR_USER, OPERATOR_USER, check_device_id, render_acl
-from broker.connection import ConnectionSettings, parse_address
+from broker.connection import (
+    ConnectionSettings,
+    check_cluster,
+    check_mqtt_version,
+    parse_address,
+)
 from broker.errors import BrokerError, ConfigError
 from broker.launcher import RunningBroker, start_mosquitto
 from broker.mosquitto_conf import Bridge, MosquittoConfig, render
@@ -181,6 +186,7 @@ def settings_from_credentials(
         where = credentials if not isinstance(credentials, Mapping) else "the credentials"
         raise ConfigError(f"{where}: no broker address: pass --broker HOST:PORT")
     host, port = parse_address(address)
+    where = credentials if not isinstance(credentials, Mapping) else "the credentials"
     return ConnectionSettings(
         host=host,
         port=port,
@@ -189,6 +195,8 @@ def settings_from_credentials(
         ca_file=creds.get("ca_file"),
         cert_file=creds.get("cert_file"),
         key_file=creds.get("key_file"),
+        mqtt_version=check_mqtt_version(creds.get("mqtt_version"), str(where)),
+        cluster=check_cluster(creds.get("cluster"), str(where)),
     )
 
 

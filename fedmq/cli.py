@@ -448,7 +448,7 @@ def aggregator_start(
     from broker.errors import ConfigError, TaskError
     from broker.task import TaskSpec
     from fedmq.progress import RoundProgress
-    from fedmq.signing_hooks import aggregator_hooks
+    from fedmq.signing_hooks import aggregator_hooks, known_devices
 
     torch.set_num_threads(threads)
     settings, federation, config = connection.resolve()
@@ -496,6 +496,9 @@ def aggregator_start(
             insecure=insecure,
             architectures=registered,
             upstream=upstream,
+            devices=(
+                known_devices(device_keys or config.get("device_keys")) if settings.cluster else ()
+            ),
         ),
         on_event=None,
     )

@@ -64,6 +64,9 @@ class Connection:
             ca_file=self.ca_file or config.get("ca_file"),
             cert_file=self.cert_file or config.get("cert_file"),
             key_file=self.key_file or config.get("key_file"),
+            mqtt_version=config.get("mqtt_version"),
+            cluster=config.get("cluster"),
+            where=str(self.config_file or "the credentials"),
         )
         return settings, federation, config
 

@@ -18,7 +18,7 @@ from broker.home import BrokerHome, load_credentials, settings_from_credentials
 from broker.launcher import RunningBroker, free_port
 from broker.task import TaskSpec
 from device_agent.agent import AgentConfig
-from fedmq.signing_hooks import agent_hooks, agent_identity, aggregator_hooks
+from fedmq.signing_hooks import agent_hooks, agent_identity, aggregator_hooks, known_devices
 
 AGGREGATOR = "fedmq-aggregator"
 OPERATOR = "fedmq-operator"
@@ -129,8 +129,11 @@ class LocalFederation:
     ) -> AggregatorConfig:
         creds = load_credentials(self.credentials(AGGREGATOR))
         sign_model, verify_update = aggregator_hooks(creds["signing_key"], creds["device_keys"])
+        connection = settings_from_credentials(creds)
+        if connection.cluster:  # statuses read by exact topic (broker/retained_mirror.py)
+            options.setdefault("devices", known_devices(creds["device_keys"]))
         return AggregatorConfig(
-            connection=settings_from_credentials(creds),
+            connection=connection,
             federation=self.name,
             run_dir=run_dir,
             task=task,

@@ -30,6 +30,13 @@ def agent_hooks(
     return sign, verify
 
 
+def known_devices(device_keys: Path | None) -> tuple[str, ...]:
+    """The device ids with a public key in ``device_keys`` (``<id>.pub``)."""
+    if not device_keys:
+        return ()
+    return tuple(sorted(p.stem for p in Path(device_keys).glob("*.pub")))
+
+
 def aggregator_hooks(
     signing_key: Path | None, device_keys: Path | None
 ) -> tuple[Sign | None, Callable[[str, dict, dict], None] | None]:

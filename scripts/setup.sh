@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what fedmq needs on a Debian machine (run as root for apt):
-# mosquitto + clients, a virtualenv in .venv, CPU torch, and fedmq with its extras.
+# mosquitto + clients, rabbitmq-server (for the clustered-broker tests), a virtualenv in
+# .venv, CPU torch, and fedmq with its extras.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,20 @@ apt_install() {
 if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_sub >/dev/null; then
     echo "setup: installing mosquitto and mosquitto-clients"
     apt_install mosquitto mosquitto-clients
+fi
+
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && [ -z "${FEDMQ_NO_RABBITMQ:-}" ]; then
+    # the clustered-broker tests (marker rabbitmq) start their own RabbitMQ nodes, with
+    # their own epmd, on loopback ports; Debian 12 ships 3.10 with the MQTT plugin
+    echo "setup: installing rabbitmq-server (FEDMQ_NO_RABBITMQ=1 skips it and its tests)"
+    apt_install rabbitmq-server
+    # the package's own node is not needed: keep it from starting at boot and stop it
+    if command -v systemctl >/dev/null; then
+        systemctl disable rabbitmq-server >/dev/null 2>&1 || true
+    fi
+    if command -v service >/dev/null; then
+        service rabbitmq-server stop >/dev/null 2>&1 || true
+    fi
 fi
 
 if ! command -v shellcheck >/dev/null; then

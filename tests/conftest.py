@@ -23,6 +23,19 @@ def pytest_configure(config):
         raise pytest.UsageError("mosquitto is not installed: run `make test` (it installs it)")
 
 
+def pytest_collection_modifyitems(config, items):
+    from broker.rabbit_cluster import rabbit_installed
+
+    if rabbit_installed():
+        return
+    skip = pytest.mark.skip(
+        reason="rabbitmq-server is not installed (Debian: apt-get install rabbitmq-server)"
+    )
+    for item in items:
+        if "rabbitmq" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)
