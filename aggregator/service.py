@@ -410,7 +410,9 @@ class Aggregator:
             self.client.loop_start()
             self._mirror.start()
             try:
-                watch.wait_connected(CONNECT_TIMEOUT)
+                if not watch.wait_connected(CONNECT_TIMEOUT, stopped=self._stop.is_set):
+                    self.phase = "stopped"  # SIGTERM or Ctrl-C before the broker answered
+                    return 0
                 self._read_cluster_statuses()
                 code = self._loop(timeout)
                 watch.raise_if_fatal()
@@ -458,6 +460,7 @@ class Aggregator:
             client_prefix=f"fedmq-aggregator-{self.config.federation}-probe",
             timeout=CONNECT_TIMEOUT,
             log=log,
+            stopped=self._stop.is_set,  # SIGTERM while the broker is unreachable
         )
         try:
             other = signals.parse_presence(found.get(self.topics.aggregator, b""))

@@ -572,12 +572,17 @@ class ConnectionWatch:
         if self.fatal is not None:
             raise self.fatal
 
-    def wait_connected(self, timeout: float | None) -> None:
-        """Return once connected; raise ``fatal`` as soon as there is one, or at
+    def wait_connected(
+        self, timeout: float | None, stopped: Callable[[], bool] | None = None
+    ) -> bool:
+        """Return True once connected, False if ``stopped()`` became true first (SIGTERM
+        while the broker is unreachable); raise ``fatal`` as soon as there is one, or at
         ``timeout`` a BrokerError naming the latest problem."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.connected.is_set():
             self.raise_if_fatal()
+            if stopped is not None and stopped():
+                return False
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 problem = self.problem
@@ -589,6 +594,7 @@ class ConnectionWatch:
             self._changed.wait(0.1 if left is None else min(0.1, left))
             self._changed.clear()
         self.raise_if_fatal()
+        return True
 
 
 def _topic_names(topic: Any) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
@@ -26,12 +27,13 @@ def read_retained(
     client_prefix: str = "fedmq-probe",
     timeout: float = 10.0,
     log: logging.Logger | None = None,
+    stopped: Callable[[], bool] | None = None,
 ) -> dict[str, bytes]:
     """{topic: payload} of the retained messages on ``topics`` (absent: no retained message).
 
     Connection problems raise BrokerError saying exactly what is wrong (see diagnose.py):
     at once when permanent or without ``log``; with ``log``, a transient one is logged and
-    retried until ``timeout``."""
+    retried until ``timeout``, or until ``stopped()`` (then: {})."""
     found: dict[str, bytes] = {}
     done = threading.Event()
     failure: list[str] = []
@@ -69,7 +71,8 @@ def read_retained(
     connect_async(client, settings, persistent=False)
     client.loop_start()
     try:
-        watch.wait_connected(timeout)
+        if not watch.wait_connected(timeout, stopped=stopped):
+            return {}
         if not done.wait(timeout):
             raise BrokerError(
                 f"no answer from the broker at {settings.address} within {timeout:g}s"

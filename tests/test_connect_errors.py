@@ -143,6 +143,8 @@ def test_aggregator_start_warns_that_nothing_listens(federation, running, tmp_pa
     )  # fmt: skip
     line = proc.wait_for_line(" WARNING ", WITHIN)
     assert "connection refused" in line and address in line
+    proc.proc.terminate()  # as systemd stops it: at once, not after the 30 s connect timeout
+    assert proc.proc.wait(WITHIN) == 0
 
 
 @pytest.mark.parametrize("command", ["status", "pause"])
