@@ -7,7 +7,8 @@ setup:
 demo: setup
 	.venv/bin/fedmq demo
 
-test: setup lint
+test: lint
+	@FEDMQ_TEST_SETUP=1 bash scripts/setup.sh
 	.venv/bin/python -m pytest -q
 
 lint: setup

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what fedmq needs on a Debian machine (run as root for apt):
-# mosquitto + clients, rabbitmq-server (for the clustered-broker tests), a virtualenv in
-# .venv, CPU torch, and fedmq with its extras.
+# mosquitto + clients, a virtualenv in .venv, CPU torch, and fedmq with its extras;
+# with FEDMQ_TEST_SETUP=1 (make test) also rabbitmq-server, for the clustered-broker tests.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +26,11 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! comman
     apt_install mosquitto mosquitto-clients
 fi
 
-if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && [ -z "${FEDMQ_NO_RABBITMQ:-}" ]; then
-    # the clustered-broker tests (marker rabbitmq) start their own RabbitMQ nodes, with
-    # their own epmd, on loopback ports; Debian 12 ships 3.10 with the MQTT plugin
+if [ -n "${FEDMQ_TEST_SETUP:-}" ] && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] \
+    && [ -z "${FEDMQ_NO_RABBITMQ:-}" ]; then
+    # for `make test` only: the clustered-broker tests (marker rabbitmq) start their own
+    # RabbitMQ nodes, with their own epmd, on loopback ports; Debian 12 ships 3.10 with
+    # the MQTT plugin
     echo "setup: installing rabbitmq-server (FEDMQ_NO_RABBITMQ=1 skips it and its tests)"
     apt_install rabbitmq-server
     # the package's own node is not needed: keep it from starting at boot and stop it
