@@ -43,6 +43,22 @@ def signed_update(
     return device, codec.encode(tensors, meta)
 
 
+def update_jobs(
+    credentials: Callable[[str], Path], federation: str, devices: list[str], model
+) -> list[tuple[Path, str, bytes]]:
+    """One ``publish_all`` job per device: its signed update, nudged from ``model`` by a
+    small per-device step and weighted by 10 + i % 50 samples."""
+    from broker.topics import Topics
+
+    jobs = []
+    for i, device in enumerate(devices):
+        device_id, update = signed_update(
+            credentials(device), model, num_samples=10 + i % 50, scale=0.001 * (i % 7)
+        )
+        jobs.append((credentials(device), Topics(federation).update(device_id), update))
+    return jobs
+
+
 def publish_all(
     jobs: Iterable[tuple[Path, str, bytes]],
     *,

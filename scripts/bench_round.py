@@ -30,7 +30,7 @@ from aggregator.service import initial_weights
 from broker import messages
 from broker.task import TaskSpec
 from broker.topics import Topics
-from fedmq.loadgen import broker_ceiling, memory_mb, publish_all, signed_update
+from fedmq.loadgen import broker_ceiling, memory_mb, publish_all, update_jobs
 from fedmq.local import AGGREGATOR, LocalFederation
 from fedmq.synthetic import mlp_task
 
@@ -61,8 +61,9 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
             after = (work / "run" / "metrics.jsonl").exists()  # the round is committed
             rss = memory_mb(proc.pid)
             peak[after] = max(peak[after], rss)
-            if (work / "run" / "state.json").exists():
-                model_seen.set()
+            log_file = work / "aggregator.log"  # devices publish once the model is out:
+            if not model_seen.is_set() and "announced model" in _read(log_file):
+                model_seen.set()  # its subscription is in place (state.json comes earlier)
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -87,6 +88,13 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
     sampler.join()
     assert RunDir(work / "run").metrics()[0]["devices"] == len(jobs)
     return seconds, idle, peak
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def main() -> None:
@@ -115,13 +123,7 @@ def main() -> None:
                 initial_weights(task), 1, task, federation=fed.name, run_id=run_id
             )
             model = messages.decode_model(payload)
-            jobs = []
-            for i, device in enumerate(devices):
-                device_id, update = signed_update(
-                    fed.credentials(device), model, num_samples=10 + i % 50, scale=0.001 * (i % 7)
-                )
-                jobs.append((fed.credentials(device), Topics(fed.name).update(device_id), update))
-            return jobs
+            return update_jobs(fed.credentials, fed.name, devices, model)
 
         make_jobs.devices = devices
         jobs = make_jobs("0" * 16)  # the raw broker's: same sizes, no aggregator to bind to

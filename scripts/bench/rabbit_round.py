@@ -37,7 +37,7 @@ from broker import messages  # noqa: E402
 from broker.rabbit_cluster import RabbitCluster, RabbitNode, rabbit_installed  # noqa: E402
 from broker.retained import read_retained  # noqa: E402
 from broker.topics import Topics  # noqa: E402
-from fedmq.loadgen import broker_ceiling, memory_mb, publish_all, signed_update  # noqa: E402
+from fedmq.loadgen import broker_ceiling, memory_mb, publish_all, update_jobs  # noqa: E402
 from fedmq.local import AGGREGATOR, LocalFederation  # noqa: E402
 from fedmq.synthetic import mlp_task  # noqa: E402
 
@@ -228,13 +228,7 @@ def _initial(path: Path):
 
 
 def _jobs(fed: LocalFederation, devices: list[str], model) -> list:
-    jobs = []
-    for i, device in enumerate(devices):
-        device_id, update = signed_update(
-            fed.credentials(device), model, num_samples=10 + i % 50, scale=0.001 * (i % 7)
-        )
-        jobs.append((fed.credentials(device), Topics(fed.name).update(device_id), update))
-    return jobs
+    return update_jobs(fed.credentials, fed.name, devices, model)
 
 
 if __name__ == "__main__":
