@@ -3,11 +3,14 @@ fedmq/forwarder.py, a TCP forwarder to put on the uplink and cut)."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
+from aggregator.service import Aggregator
 from aggregator.upstream import Upstream
 from fedmq.forwarder import Forwarder  # noqa: F401 (re-exported for tests)
-from tests.helpers import Federation
+from tests.helpers import Federation, join
 
 AGGREGATOR = "fedmq-aggregator"
 
@@ -34,3 +37,42 @@ def site_upstream(site: Federation) -> Upstream:
     upstream = site.upstream()
     upstream.start()
     return upstream
+
+
+def agents(fed: Federation, data: dict, devices: list[str], timeout: float = 120):
+    """Agents of ``devices`` in threads, each leaving when the run is done."""
+    return [
+        fed.in_thread(fed.agent(d, data[d], exit_when_done=True).run, timeout=timeout)
+        for d in devices
+    ]
+
+
+def run_sites(
+    sites: list[Federation],
+    root_thread: threading.Thread,
+    start: Callable[[Federation, Upstream], Aggregator],
+    data: dict,
+    *,
+    timeout: float = 150,
+    root_timeout: float = 170,
+) -> tuple[list[Aggregator], list[Upstream]]:
+    """Each site's link to the root, its aggregator (``start(site, upstream)``) and its
+    devices' agents, until the root's run ends; then the sites' brokers and links close."""
+    upstreams: list[Upstream] = []
+    site_aggs: list[Aggregator] = []
+    threads = []
+    try:
+        for site in sites:
+            upstreams.append(site_upstream(site))
+            site_aggs.append(start(site, upstreams[-1]))
+            threads.append(site.in_thread(site_aggs[-1].run, timeout=timeout))
+            threads += agents(site, data, site.devices, timeout)
+        assert join(root_thread, root_timeout) == 0
+        for t in threads:
+            assert join(t, 30) == 0
+    finally:
+        for site in sites:
+            site.close()
+        for upstream in upstreams:
+            upstream.stop()
+    return site_aggs, upstreams

@@ -26,7 +26,7 @@ from tests.helpers import (
     wait_for,
     write_blobs,
 )
-from tests.sites_helpers import Forwarder, make_site, site_upstream
+from tests.sites_helpers import Forwarder, agents, make_site, run_sites, site_upstream
 
 pytestmark = pytest.mark.mosquitto
 
@@ -41,12 +41,6 @@ def _site_aggregator(site, tmp_path, upstream, **options):
     return agg, site.in_thread(agg.run, timeout=120)
 
 
-def _agents(fed, data, devices):
-    return [
-        fed.in_thread(fed.agent(d, data[d], exit_when_done=True).run, timeout=120) for d in devices
-    ]
-
-
 def test_two_sites_end_with_the_flat_model(federation, tmp_path):
     # unequal sites (3 devices of 40 samples, 1 of 70): weighting a site by anything but
     # its devices' total samples (its device count, say, or 1) would change the model
@@ -58,7 +52,7 @@ def test_two_sites_end_with_the_flat_model(federation, tmp_path):
     flat = federation(devices=DEVICES, name="flat")
     flat_agg = flat.aggregator(tmp_path / "run-flat", task, rounds=ROUNDS, min_devices=4)
     flat_thread = flat.in_thread(flat_agg.run, timeout=120)
-    flat_agents = _agents(flat, data, DEVICES)
+    flat_agents = agents(flat, data, DEVICES)
     assert join(flat_thread, 150) == 0
     for t in flat_agents:
         assert join(t, 30) == 0
@@ -71,23 +65,19 @@ def test_two_sites_end_with_the_flat_model(federation, tmp_path):
     ]
     root_agg = root.aggregator(tmp_path / "run-root", task, rounds=ROUNDS, min_devices=2)
     root_thread = root.in_thread(root_agg.run, timeout=120)
-    upstreams, site_aggs, threads = [], [], []
-    try:
-        for site in sites:
-            upstreams.append(site_upstream(site))
-            quorum = len(site.devices)
-            agg, thread = _site_aggregator(site, tmp_path, upstreams[-1], min_devices=quorum)
-            site_aggs.append(agg)
-            threads.append(thread)
-            threads += _agents(site, data, site.devices)
-        assert join(root_thread, 150) == 0
-        for t in threads:
-            assert join(t, 30) == 0
-    finally:
-        for site in sites:
-            site.close()
-        for upstream in upstreams:
-            upstream.stop()
+    site_aggs, upstreams = run_sites(
+        sites,
+        root_thread,
+        lambda site, upstream: site.aggregator(
+            tmp_path / f"run-{site.name}",
+            upstream.first_model(30).task,  # the task the site read from the root's model
+            upstream=upstream,
+            min_devices=len(site.devices),
+        ),
+        data,
+        timeout=120,
+        root_timeout=150,
+    )
 
     for name, tensor in flat_agg.weights.items():
         torch.testing.assert_close(root_agg.weights[name], tensor, rtol=0, atol=1e-6)

@@ -11,18 +11,12 @@ from aggregator.upstream import site_task
 from broker.errors import ConfigError
 from broker.task import TaskSpec
 from tests.helpers import blobs_task, join, write_blobs
-from tests.sites_helpers import make_site, site_upstream
+from tests.sites_helpers import agents, make_site, run_sites
 
 pytestmark = pytest.mark.mosquitto
 DEVICES = [f"dev{i}" for i in range(6)]
 ROUNDS = 2
 SECURE = {"clip_range": 2.0, "phase_deadline": 20}
-
-
-def _agents(fed, files, devices):
-    return [
-        fed.in_thread(fed.agent(d, files[d], exit_when_done=True).run, timeout=150) for d in devices
-    ]
 
 
 def test_secure_sums_at_two_sites_end_with_the_flat_fedavg_model(federation, tmp_path):
@@ -32,7 +26,7 @@ def test_secure_sums_at_two_sites_end_with_the_flat_fedavg_model(federation, tmp
     flat = federation(devices=DEVICES, name="flat")
     flat_agg = flat.aggregator(tmp_path / "run-flat", task, rounds=ROUNDS, min_devices=6)
     flat_thread = flat.in_thread(flat_agg.run, timeout=150)
-    for t in [*_agents(flat, files, DEVICES)]:
+    for t in agents(flat, files, DEVICES, timeout=150):
         assert join(t, 170) == 0
     assert join(flat_thread, 30) == 0
 
@@ -43,27 +37,15 @@ def test_secure_sums_at_two_sites_end_with_the_flat_fedavg_model(federation, tmp
         make_site(root, tmp_path / "farm-a", "farm-a", "site-a", DEVICES[:3]),
         make_site(root, tmp_path / "farm-b", "farm-b", "site-b", DEVICES[3:]),
     ]
-    upstreams, site_aggs, threads = [], [], []
-    try:
-        for site in sites:
-            upstream = site_upstream(site)
-            upstreams.append(upstream)
-            secure_task = site_task(upstream.first_model(30).task, SECURE)
-            agg = site.aggregator(
-                tmp_path / f"run-{site.name}", secure_task, upstream=upstream,
-                min_devices=3, deadline=60,
-            )  # fmt: skip
-            site_aggs.append(agg)
-            threads.append(site.in_thread(agg.run, timeout=150))
-            threads += _agents(site, files, site.devices)
-        assert join(root_thread, 170) == 0
-        for t in threads:
-            assert join(t, 30) == 0
-    finally:
-        for site in sites:
-            site.close()
-        for upstream in upstreams:
-            upstream.stop()
+
+    def start(site, upstream):
+        secure_task = site_task(upstream.first_model(30).task, SECURE)
+        return site.aggregator(
+            tmp_path / f"run-{site.name}", secure_task, upstream=upstream,
+            min_devices=3, deadline=60,
+        )  # fmt: skip
+
+    site_aggs, _ = run_sites(sites, root_thread, start, files, timeout=150, root_timeout=170)
 
     diff = max(
         float((root_agg.weights[k].double() - v.double()).abs().max())
