@@ -16,8 +16,10 @@ QoS is sent) and publish properties are dropped on 3.1.1.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -213,7 +215,17 @@ class Client(mqtt.Client):
     def reconnect(self) -> mqtt.MQTTErrorCode:
         self._fedmq_connack = False
         self.fedmq_switching = False
-        return super().reconnect()
+        return self._reconnect_nodelay()
+
+    def _reconnect_nodelay(self) -> mqtt.MQTTErrorCode:
+        """paho's reconnect, then TCP_NODELAY on the new socket: without it Nagle's
+        algorithm and the broker's delayed ack hold each message's tail for up to 40 ms."""
+        code = super().reconnect()
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):  # not a TCP socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return code
 
     def _handle_connack(self) -> mqtt.MQTTErrorCode:
         packet = self._in_packet["packet"]
@@ -222,7 +234,7 @@ class Client(mqtt.Client):
             # "unacceptable protocol version" (MQTT 3.1.1's CONNACK 1): try 3.1.1 next
             self._use(mqtt.MQTTv311)
             self.fedmq_switching = True
-            return super().reconnect()
+            return self._reconnect_nodelay()
         self._fedmq_connack = True
         if not self.mqtt5 and self.fedmq_fallback and packet[1:2] == b"\x00":
             _speaks_311.add(self.fedmq_address)

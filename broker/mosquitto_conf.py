@@ -93,6 +93,10 @@ def render(cfg: MosquittoConfig) -> str:
         f"max_inflight_messages {cfg.max_inflight_messages}",
         "persistent_client_expiration 14d",
         "retain_available true",
+        # Nagle's algorithm holds a message's last partial segment until the previous one
+        # is acked, and the peer delays that ack by up to 40 ms: every model announced
+        # reached the devices 40-50 ms late (scripts/bench/peer.py)
+        "set_tcp_nodelay true",
         f"log_dest {cfg.log_dest}",
         "log_type error",
         "log_type warning",
