@@ -19,6 +19,7 @@ from broker.launcher import RunningBroker, free_port
 from broker.task import TaskSpec
 from device_agent.agent import AgentConfig
 from fedmq.signing_hooks import agent_hooks, agent_identity, aggregator_hooks, known_devices
+from fedmq.zygote import ForkedProcess, Zygote
 
 AGGREGATOR = "fedmq-aggregator"
 OPERATOR = "fedmq-operator"
@@ -32,7 +33,8 @@ class LocalFederation:
         self.port = free_port() if home.plaintext else None
         self.tls_port = free_port() if home.tls else None
         self.broker: RunningBroker | None = None
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen | ForkedProcess] = []
+        self._zygote: Zygote | None = None  # started by the first spawn
 
     @classmethod
     def create(cls, path: Path, name: str, devices: list[str], **home_options) -> LocalFederation:
@@ -91,6 +93,9 @@ class LocalFederation:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
         self.stop_broker()
 
     def __enter__(self) -> LocalFederation:
@@ -143,28 +148,44 @@ class LocalFederation:
         )
 
     # -- processes -----------------------------------------------------------------------
-    def spawn(self, *args: str, log: Path | None = None) -> subprocess.Popen:
-        """``fedmq ARGS`` as a child process; ``close`` kills what is still running."""
-        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fedmq.cli", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        finally:
-            if log:
-                out.close()
+    def spawn(self, *args: str, log: Path | None = None, fresh: bool = False):
+        """``fedmq ARGS`` as a process of its own; ``close`` kills what is still running.
+
+        Forked from the federation's zygote (``fedmq/zygote.py``), which imported torch
+        once for all of them; ``fresh`` (or ``FEDMQ_SPAWN=exec``) starts a new interpreter
+        instead, as a device would, cold."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if fresh or os.environ.get("FEDMQ_SPAWN") == "exec":
+            proc = _exec(list(args), env, log)
+        else:
+            if self._zygote is None:
+                self._zygote = Zygote(env=env, log=self.home.path / "zygote.log")
+            proc = self._zygote.spawn(list(args), env=env, log=log)
         self.procs.append(proc)
         return proc
 
-    def spawn_agent(self, device: str, data: Path, *extra: str, log: Path | None = None):
+    def spawn_agent(
+        self, device: str, data: Path, *extra: str, log: Path | None = None, fresh: bool = False
+    ):
         args = ["agent", "run", "--config", str(self.credentials(device)), "--data", str(data)]
-        return self.spawn(*args, "--threads", "1", *extra, log=log)
+        return self.spawn(*args, "--threads", "1", *extra, log=log, fresh=fresh)
 
     def spawn_aggregator(self, *extra: str, log: Path | None = None):
         return self.spawn(
             "aggregator", "start", "--config", str(self.credentials(AGGREGATOR)), *extra, log=log
         )
+
+
+def _exec(args: list[str], env: dict[str, str], log: Path | None) -> subprocess.Popen:
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedmq.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    finally:
+        if log:
+            out.close()

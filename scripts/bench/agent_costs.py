@@ -75,7 +75,8 @@ def agent_costs(work: Path, timeout: float = 180) -> dict:
         started = time.monotonic()
         os.environ["PYTHONPROFILEIMPORTTIME"] = "1"  # d0's log lists what it imports
         try:
-            d0 = fed.spawn_agent("d0", data.device_files[0], log=logs["d0"])
+            # a device's own interpreter, cold (not forked from the federation's zygote)
+            d0 = fed.spawn_agent("d0", data.device_files[0], log=logs["d0"], fresh=True)
         finally:
             del os.environ["PYTHONPROFILEIMPORTTIME"]
         at = _wait(_connected(logs["d0"]), timeout, "d0 connected", d0)
@@ -101,7 +102,7 @@ def agent_costs(work: Path, timeout: float = 180) -> dict:
         result["train_peak_rss_mb"] = memory_mb(d0.pid, "VmHWM")
 
         started = time.monotonic()
-        d1 = fed.spawn_agent("d1", data.device_files[1], log=logs["d1"])
+        d1 = fed.spawn_agent("d1", data.device_files[1], log=logs["d1"], fresh=True)
         at = _wait(_connected(logs["d1"]), timeout, "d1 connected", d1)
         result["cold_connect_s"] = at - started
         result["cold_connect_cpu_s"] = cpu_seconds(d1.pid)

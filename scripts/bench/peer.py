@@ -11,9 +11,12 @@ repetition runs all three, in a rotated order), ``--reps`` times:
 - fedmq: a real run on this machine: ``fedmq.local.LocalFederation`` (a secured mosquitto:
   TLS, an account and ACL per device, signed models and updates), one ``fedmq agent run``
   process per client reading its CSV, and the aggregator as a process (``fedmq aggregator
-  start``, via ``spawn_aggregator``). Provisioning the accounts and keys happens before the
-  clock starts; the command runs from the broker's start until every process has exited
-  (the aggregator's final plot included). Rounds end when ``metrics.jsonl`` gets their line.
+  start``, via ``spawn_aggregator``). The processes are forked from the federation's
+  zygote (``fedmq/zygote.py``), which imports torch once for all of them, inside the clock;
+  a device imports it on its own CPU at boot (``agent_costs.py`` measures that cold start).
+  Provisioning the accounts and keys happens before the clock starts; the command runs
+  from the broker's start until every process has exited (the aggregator's final plot
+  included). Rounds end when ``metrics.jsonl`` gets their line.
 - Flower 1.42's simulation (``flower_app.py``: ``flwr.simulation.run_simulation``, FedAvg,
   every client every round, the Ray backend), run with the python of its own venv, which
   this script creates and fills on first use (``flwr[simulation]==1.42.0`` and CPU torch
