@@ -31,7 +31,7 @@ from device_agent import resources
 from device_agent.data import DataFile, open_data, shape_for
 from device_agent.hooks import TrainingHooks
 from device_agent.secure_client import Identity, Refused, SecureClient
-from device_agent.trainer import evaluate, train_local, training_seed
+from device_agent.trainer import evaluate_tensors, tensors_for, train_tensors, training_seed
 
 log = logging.getLogger("fedmq.agent")
 
@@ -79,6 +79,7 @@ class Agent:
         self._last_update: tuple[str, bytes] | None = None  # (model hash, update payload)
         self.rounds_trained = 0
         self._model_cache: tuple[str, torch.nn.Module] | None = None
+        self._tensors: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # per task
         # a selected round the limits hold back: (model, hooks, the reason said in status)
         self._deferred: tuple[messages.ModelMessage, TrainingHooks, str] | None = None
         self._recheck_at = 0.0
@@ -323,18 +324,26 @@ class Agent:
         model.load_state_dict(msg.tensors, strict=True)
         return model
 
+    def _tensors_for(self, msg: messages.ModelMessage, model: torch.nn.Module):
+        """The data as the task's model takes it, checked against it: made once per task
+        (the file is read once, at start), not every round."""
+        if self._tensors is None or self._tensors[0] != msg.task_json:
+            data = self.data.dataset(msg.task.data.label)
+            source = str(data.path)
+            X = shape_for(data.X, msg.task.model, source)  # flat CSV rows -> cnn1d windows
+            self._tensors = (msg.task_json, tensors_for(model, X, data.y, msg.task.train, source))
+        return self._tensors[1]
+
     def _train(self, msg: messages.ModelMessage, hooks: TrainingHooks):
         """Train on the round's model: (weights to send, samples, metrics)."""
         cfg = self.config
         self._publish_status("training", round_=msg.round)
         started = time.monotonic()
-        data = self.data.dataset(msg.task.data.label)
         model = self._model_for(msg)
-        source = str(data.path)
-        X = shape_for(data.X, msg.task.model, source)  # flat CSV rows -> cnn1d windows
-        before = evaluate(model, X, data.y, msg.task.train, source)  # federated evaluation
+        inputs, targets = self._tensors_for(msg, model)
+        before = evaluate_tensors(model, inputs, targets, msg.task.train)  # federated evaluation
         seed = training_seed(msg.task.seed, msg.round, cfg.device_id)
-        result = train_local(model, X, data.y, msg.task.train, seed, source, hooks)
+        result = train_tensors(model, inputs, targets, msg.task.train, seed, hooks)
         metrics = {
             "train_loss": result.train_loss,
             "eval_loss": before["loss"],

@@ -90,6 +90,18 @@ def train_local(
     round's strategy asks of training (FedProx's proximal term). The reported loss is the
     task's loss alone, without the proximal term."""
     inputs, targets = tensors_for(model, X, y, train, source)
+    return train_tensors(model, inputs, targets, train, seed, hooks)
+
+
+def train_tensors(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    train: TrainSpec,
+    seed: int,
+    hooks: TrainingHooks = TrainingHooks(),
+) -> TrainResult:
+    """``train_local`` on what ``tensors_for`` made (and checked) of the data."""
     n = inputs.shape[0]
     batch = n if train.batch_size in (0, None) or train.batch_size >= n else train.batch_size
     loss_fn = loss_function(train)
@@ -120,6 +132,13 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean per-sample loss (and accuracy for classification) without changing the model."""
     inputs, targets = tensors_for(model, X, y, train, source)
+    return evaluate_tensors(model, inputs, targets, train)
+
+
+def evaluate_tensors(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, train: TrainSpec
+) -> dict[str, float]:
+    """``evaluate`` on what ``tensors_for`` made (and checked) of the data."""
     model.eval()
     with torch.no_grad():
         out = model(inputs)
