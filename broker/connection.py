@@ -36,6 +36,8 @@ from paho.mqtt.properties import Properties
 from broker import diagnose
 from broker.diagnose import Problem
 from broker.errors import BrokerError, ConfigError
+from broker.publish_parse import LARGE as LARGE_PUBLISH
+from broker.publish_parse import payload_offset
 
 MQTT_VERSION_ENV = "FEDMQ_MQTT_VERSION"
 FALLBACK_NOTE = (
@@ -197,6 +199,7 @@ class Client(mqtt.Client):
         self.fedmq_switching = False  # the last attempt ended without a CONNACK: switched
         self._fedmq_connack = False
         self._fedmq_v5_properties: Properties | None = None
+        self._fedmq_payload: bytes | None = None  # a large PUBLISH's, cut off its header
 
     @property
     def mqtt5(self) -> bool:
@@ -260,6 +263,26 @@ class Client(mqtt.Client):
                 self.fedmq_switching = True
                 self._use(mqtt.MQTTv311)
         super()._do_on_disconnect(packet_from_broker, v1_rc, reason, properties)
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        """A large PUBLISH: its payload copied once out of paho's receive buffer, and only
+        the small header left for paho to parse (``broker/publish_parse.py``)."""
+        packet = self._in_packet["packet"]
+        qos = (self._in_packet["command"] & 0x06) >> 1
+        if len(packet) >= LARGE_PUBLISH and qos < 2:  # QoS 2 delivers later: paho's way
+            start = payload_offset(packet, qos, self.mqtt5)
+            if start is not None:
+                self._fedmq_payload = bytes(memoryview(packet)[start:])
+                del packet[start:]  # the receive buffer, down to the header
+        try:
+            return super()._handle_publish()
+        finally:
+            self._fedmq_payload = None
+
+    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
+        if self._fedmq_payload is not None:
+            message.payload, self._fedmq_payload = self._fedmq_payload, None
+        super()._handle_on_message(message)
 
     def _sock_was_open(self) -> bool:
         # paho reports a refused TCP connection through on_connect_fail, not here
