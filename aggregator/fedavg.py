@@ -35,8 +35,8 @@ class FoldedSum:
         for name, acc in self._sum.items():  # check all before changing any
             if tuple(tensors[name].shape) != tuple(acc.shape):
                 raise ValueError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}")
-        for name, acc in self._sum.items():  # cast element by element: no float64 copy
-            acc.add_(tensors[name], alpha=weight)
+        for name, acc in self._sum.items():
+            _add_chunked(acc, tensors[name], weight)
         self.total_weight += weight
         self.count += 1
 
@@ -44,9 +44,40 @@ class FoldedSum:
         if self.total_weight == 0:
             raise ValueError("nothing folded yet")
         out = {}
-        for name, acc in self._sum.items():  # one float64 temporary at a time
-            out.update(cast_to({name: acc / self.total_weight}, self._dtypes))
+        for name, acc in self._sum.items():
+            dtype = self._dtypes[name]
+            if dtype.is_floating_point and acc.numel() > CHUNK:
+                out[name] = _divided(acc, self.total_weight, dtype)
+            else:
+                out.update(cast_to({name: acc / self.total_weight}, self._dtypes))
         return out
+
+
+CHUNK = 1 << 16  # elements added or divided at a time: a 512 KiB float64 temporary
+
+
+def _add_chunked(acc: torch.Tensor, value: torch.Tensor, weight: int) -> None:
+    """``acc += weight * value``, element for element the same: torch casts a float32
+    ``value`` to a float64 temporary of its whole size first (for a model of one big
+    layer: two models' worth beside the sum), here a chunk at a time."""
+    flat_acc, flat_value = acc.reshape(-1), value.reshape(-1)
+    if flat_acc.numel() <= CHUNK or value.dtype == acc.dtype:
+        acc.add_(value, alpha=weight)
+        return
+    for start in range(0, flat_acc.numel(), CHUNK):
+        end = start + CHUNK
+        flat_acc[start:end].add_(flat_value[start:end], alpha=weight)
+
+
+def _divided(acc: torch.Tensor, total: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(acc / total).to(dtype)``, element for element the same, without a float64
+    temporary the size of the tensor (for a model of one big layer: two models' worth)."""
+    result = torch.empty(acc.shape, dtype=dtype)
+    flat_in, flat_out = acc.reshape(-1), result.reshape(-1)
+    for start in range(0, flat_in.numel(), CHUNK):
+        end = start + CHUNK
+        flat_out[start:end].copy_(flat_in[start:end] / total)
+    return result
 
 
 def cast_to(values: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> Tensors:

@@ -57,7 +57,8 @@ class JournalUpdates(_MatrixMixin):
 
     def __iter__(self) -> Iterator[Update]:
         for device, payload in self.journal.accepted(by_device=True):
-            update = messages.decode_update(payload, max_payload=len(payload))  # checked before
+            # checked at admission; its tensors read in place (the payload is ours alone)
+            update = messages.decode_update(payload, max_payload=len(payload), copy=False)
             self._seen[device] = (update.num_samples, update.metrics, update.round)
             carried = messages.parse_partial(update.metadata)
             if carried is not None:
@@ -74,6 +75,7 @@ class JournalUpdates(_MatrixMixin):
                 base=base,
                 metrics=update.metrics,
             )
+            del update, tensors, payload  # gone before the next payload is read
 
     def summaries(self) -> list[tuple[str, int, dict, int]]:
         """(device, samples, metrics, round trained for) of every accepted update, in

@@ -54,6 +54,7 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
         log=work / "aggregator.log",
     )
     peak = [0.0, 0.0]  # in the round; after it (the run's plots are drawn at the end)
+    anon = [0.0]  # the round's peak of anonymous memory (heap: not code or mapped files)
     model_seen = threading.Event()
 
     def sample() -> None:
@@ -61,6 +62,8 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
             after = (work / "run" / "metrics.jsonl").exists()  # the round is committed
             rss = memory_mb(proc.pid)
             peak[after] = max(peak[after], rss)
+            if not after:
+                anon[0] = max(anon[0], memory_mb(proc.pid, "RssAnon"))
             log_file = work / "aggregator.log"  # devices publish once the model is out:
             if not model_seen.is_set() and "announced model" in _read(log_file):
                 model_seen.set()  # its subscription is in place (state.json comes earlier)
@@ -72,6 +75,7 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
     run_id = json.loads((work / "run" / "run.json").read_text())["run_id"]
     jobs = make_jobs(run_id)
     idle = memory_mb(proc.pid)
+    idle_anon = memory_mb(proc.pid, "RssAnon")
     start = time.perf_counter()
     errors = publish_all(jobs, concurrency=concurrency)
     for _ in range(3):  # as a device would: a session that failed tries again
@@ -87,7 +91,7 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
     seconds = time.perf_counter() - start
     sampler.join()
     assert RunDir(work / "run").metrics()[0]["devices"] == len(jobs)
-    return seconds, idle, peak
+    return seconds, idle, peak, (idle_anon, anon[0])
 
 
 def _read(path: Path) -> str:
@@ -140,7 +144,7 @@ def main() -> None:
             )
         )
         del jobs
-        ours, rss_idle, (rss_peak, rss_after) = fedmq_round(
+        ours, rss_idle, (rss_peak, rss_after), (anon_idle, anon_peak) = fedmq_round(
             fed, work, task_path, make_jobs, args.concurrency
         )
 
@@ -161,6 +165,11 @@ def main() -> None:
     print(
         f"over waiting: {rss_peak - rss_idle:.0f} MB = {(rss_peak - rss_idle) / model_mb:.1f} "
         f"models (goal <= 4); after the round (drawing the run's plots): {rss_after:.0f} MB peak"
+    )
+    print(
+        f"of which anonymous memory (heap and buffers; the rest is code and files mapped): "
+        f"{anon_idle:.0f} MB waiting, {anon_peak:.0f} MB peak, over waiting "
+        f"{anon_peak - anon_idle:.0f} MB = {(anon_peak - anon_idle) / model_mb:.1f} models"
     )
 
 

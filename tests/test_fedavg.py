@@ -5,11 +5,13 @@ from __future__ import annotations
 import gc
 import random
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from aggregator.allocator import fix_mmap_threshold
 from aggregator.fedavg import FoldedSum, WeightedMetrics, fedavg
 
 
@@ -216,3 +218,43 @@ def test_a_failed_fold_leaves_the_sum_untouched():
     with pytest.raises((ValueError, RuntimeError)):
         folded.fold({"a": t([5.0, 5.0]), "b": t([1.0, 1.0, 1.0])}, 1)
     assert torch.equal(folded.average()["a"], t([1.0, 1.0]))
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(field)
+
+
+def _peak_over(action) -> float:
+    """MB the process's peak resident memory rose above its resident memory while
+    ``action`` ran (the kernel's high-water mark, reset first: no sampling to miss)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    except OSError:
+        pytest.skip("cannot reset the peak resident memory here")
+    before = _status_mb("VmRSS")
+    action()
+    return _status_mb("VmHWM") - before
+
+
+def test_folding_and_averaging_a_big_layer_need_no_float64_copy_of_it():
+    """A model of one big layer (16 MB of float32): torch's own mixed-dtype ``add_`` and
+    ``(sum / total).to(float32)`` each made a float64 temporary of the whole layer (32 MB)
+    beside the sum; chunked, the peak is a fraction of that, and the result is the same
+    to the bit."""
+    fix_mmap_threshold()
+    g = torch.Generator().manual_seed(3)
+    big = {"w": torch.randn(4_000_000, generator=g), "b": torch.randn(10, generator=g)}
+    folded = FoldedSum(big)
+    updates = [{k: torch.randn(v.shape, generator=g) for k, v in big.items()} for _ in range(2)]
+    assert _peak_over(lambda: folded.fold(updates[0], 3)) < 12  # was 31.6 MB
+    folded.fold(updates[1], 5)
+    result = {}
+    assert _peak_over(lambda: result.update(folded.average())) < 16 + 8  # result + was 46 MB
+    expected = {
+        k: ((updates[0][k].double() * 3 + updates[1][k].double() * 5) / 8).float() for k in big
+    }
+    for k in big:
+        assert torch.equal(result[k], expected[k])

@@ -67,6 +67,7 @@ def weighted_mean(
     folded = FoldedSum(current)
     for update in updates:
         folded.fold(point(update, current, clip_norm, scale(update)), update.num_samples)
+        del update  # not held while the next one is read: one update in memory at a time
     return folded.average()
 
 
