@@ -190,8 +190,7 @@ def _finite(tensor: torch.Tensor) -> bool:
         if math.isfinite(values.sum()):
             return True
     return all(
-        np.isfinite(values[i : i + FINITE_CHUNK]).all()
-        for i in range(0, values.size, FINITE_CHUNK)
+        np.isfinite(values[i : i + FINITE_CHUNK]).all() for i in range(0, values.size, FINITE_CHUNK)
     )
 
 
