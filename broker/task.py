@@ -87,6 +87,9 @@ class TrainSpec:
     optimizer: str = "sgd"
     loss: str = "cross_entropy"
     momentum: float = 0.0
+    # each device scores the round's model on its own data before training (federated
+    # evaluation: the eval_* metrics and devices.png); false saves that pass every round
+    evaluate: bool = True
 
     @property
     def is_classification(self) -> bool:
@@ -117,6 +120,8 @@ class TaskSpec:
         for table in OPTIONAL_TABLES:
             if not raw[table]:
                 del raw[table]  # the default: tasks written before them hash the same
+        if raw["train"]["evaluate"]:
+            del raw["train"]["evaluate"]  # likewise
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -235,3 +240,5 @@ def _check_train(t: TrainSpec) -> None:
         raise TaskError(f"[train] optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
     if t.loss not in LOSSES:
         raise TaskError(f"[train] loss must be one of {LOSSES}, got {t.loss!r}")
+    if not isinstance(t.evaluate, bool):
+        raise TaskError(f"[train] evaluate must be true or false, got {t.evaluate!r}")

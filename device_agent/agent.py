@@ -341,14 +341,14 @@ class Agent:
         started = time.monotonic()
         model = self._model_for(msg)
         inputs, targets = self._tensors_for(msg, model)
-        before = evaluate_tensors(model, inputs, targets, msg.task.train)  # federated evaluation
+        before = {}  # federated evaluation, unless the task turns it off
+        if msg.task.train.evaluate:
+            before = evaluate_tensors(model, inputs, targets, msg.task.train)
         seed = training_seed(msg.task.seed, msg.round, cfg.device_id)
         result = train_tensors(model, inputs, targets, msg.task.train, seed, hooks)
-        metrics = {
-            "train_loss": result.train_loss,
-            "eval_loss": before["loss"],
-            "train_seconds": time.monotonic() - started,
-        }
+        metrics = {"train_loss": result.train_loss, "train_seconds": time.monotonic() - started}
+        if "loss" in before:
+            metrics["eval_loss"] = before["loss"]
         if "accuracy" in before:
             metrics["eval_accuracy"] = before["accuracy"]
         metrics = _finite(metrics, msg.round)

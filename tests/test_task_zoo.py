@@ -120,6 +120,10 @@ BAD_TASKS = {
         '[model]\narch = "linear"\n[train]\nbatch_size = -1\n',
         "batch_size must be an integer >= 0",
     ),
+    "evaluate not a bool": (
+        '[model]\narch = "linear"\n[train]\nevaluate = "no"\n',
+        "evaluate must be true or false",
+    ),
     "unknown train key": (
         '[model]\narch = "linear"\n[train]\nlearning_rate = 0.1\n',
         r"unknown \[train\] key\(s\): learning_rate",
@@ -163,6 +167,16 @@ def test_task_file_not_text(tmp_path):
 def test_negative_momentum_is_refused(tmp_path):
     with pytest.raises(TaskError, match="momentum"):
         TaskSpec.load(toml(tmp_path, '[model]\narch = "linear"\n[train]\nmomentum = -1.0\n'))
+
+
+def test_evaluate_is_on_by_default_and_absent_from_the_json_unless_off(tmp_path):
+    plain = TaskSpec.load(toml(tmp_path, '[model]\narch = "linear"\n'))
+    assert plain.train.evaluate is True
+    assert "evaluate" not in plain.to_json()  # tasks written before it hash the same
+    off = TaskSpec.load(toml(tmp_path, '[model]\narch = "linear"\n[train]\nevaluate = false\n'))
+    assert off.train.evaluate is False
+    assert TaskSpec.from_json(off.to_json()) == off
+    assert off.to_json() != plain.to_json()
 
 
 def test_a_task_that_loads_can_travel_as_json(tmp_path):

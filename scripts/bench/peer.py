@@ -16,7 +16,9 @@ repetition runs all three, in a rotated order), ``--reps`` times:
   a device imports it on its own CPU at boot (``agent_costs.py`` measures that cold start).
   Provisioning the accounts and keys happens before the clock starts; the command runs
   from the broker's start until every process has exited (the aggregator's final plot
-  included). Rounds end when ``metrics.jsonl`` gets their line.
+  included). Rounds end when ``metrics.jsonl`` gets their line. Its devices skip the
+  federated evaluation of each round's model (``[train] evaluate = false``), as Flower
+  runs no client-side evaluation; ``--fedmq-evaluate`` keeps it.
 - Flower 1.42's simulation (``flower_app.py``: ``flwr.simulation.run_simulation``, FedAvg,
   every client every round, the Ray backend), run with the python of its own venv, which
   this script creates and fills on first use (``flwr[simulation]==1.42.0`` and CPU torch
@@ -153,13 +155,19 @@ class Watcher:
 # -- the three systems ---------------------------------------------------------------------
 
 
-def run_fedmq(work: Path, data: Path, rounds: int, clients: int) -> Run:
+def run_fedmq(work: Path, data: Path, rounds: int, clients: int, evaluate: bool = False) -> Run:
     """A real fedmq run: secured mosquitto, an agent process per client, the aggregator
-    process. The processes are this one's children; this process only watches."""
+    process. The processes are this one's children; this process only watches.
+    ``evaluate``: the devices' federated evaluation each round (fedmq's default; off here
+    by default, as Flower runs with ``fraction_evaluate=0``)."""
     from aggregator.checkpoint import RunDir
     from broker import codec
     from fedmq.local import LocalFederation
 
+    task = data / "task.toml"
+    if not evaluate:
+        task = work / "task.toml"
+        task.write_text(workload.TASK.replace("[train]", "[train]\nevaluate = false"))
     names = workload.client_names(clients)
     provisioned = time.perf_counter()
     fed = LocalFederation.create(work / "broker", "peer", names)
@@ -174,7 +182,7 @@ def run_fedmq(work: Path, data: Path, rounds: int, clients: int) -> Run:
         for name in names:
             fed.spawn_agent(name, data / f"{name}.csv", "--exit-when-done", log=logs / name)
         aggregator = fed.spawn_aggregator(
-            *("--task", str(data / "task.toml"), "--rounds", str(rounds)),
+            *("--task", str(task), "--rounds", str(rounds)),
             *("--min-devices", str(clients), "--deadline", "300", "--on-short", "stop"),
             *("--run-dir", str(run_dir)),
             log=logs / "aggregator",
@@ -240,10 +248,12 @@ def run_command(system: str, command: list[str], events: Path) -> Run:
     return run
 
 
-def run_system(system: str, work: Path, data: Path, rounds: int, clients: int, flower_python):
+def run_system(
+    system: str, work: Path, data: Path, rounds: int, clients: int, flower_python, evaluate=False
+):
     work.mkdir(parents=True)
     if system == "fedmq":
-        return run_fedmq(work, data, rounds, clients)
+        return run_fedmq(work, data, rounds, clients, evaluate)
     events = work / "events.jsonl"
     common = [str(data), "--rounds", str(rounds), "--events", str(events)]
     if system == "inprocess":
@@ -359,6 +369,7 @@ def benchmark(
     reps: int = 3,
     systems: tuple[str, ...] = SYSTEMS,
     flower_python: Path | None = None,
+    evaluate: bool = False,
     say=print,
 ) -> tuple[list[Run], dict[str, dict[str, float]]]:
     """Run every system ``reps`` times, interleaved; the runs and their medians."""
@@ -368,13 +379,17 @@ def benchmark(
     info = workload.prepare(data, clients)
     say(
         f"workload: digits, {info['train']} training samples in {clients} IID clients, "
-        f"{info['test']} test samples, {rounds} rounds; files in {data}"
+        f"{info['test']} test samples, {rounds} rounds; files in {data}; fedmq's devices "
+        + ("evaluate" if evaluate else "do not evaluate (evaluate = false)")
+        + " the round's model on their data"
     )
     runs = []
     for rep in range(reps):
         order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
         for system in order:
-            run = run_system(system, work / f"{rep}-{system}", data, rounds, clients, flower_python)
+            run = run_system(
+                system, work / f"{rep}-{system}", data, rounds, clients, flower_python, evaluate
+            )
             runs.append(run)
             figs = run.figures()
             detail = ", ".join(f"{k} {v:.3f}" for k, v in figs.items())
@@ -399,6 +414,11 @@ def main() -> None:
     )
     parser.add_argument("--skip-flower", action="store_true", help="fedmq and the loop only")
     parser.add_argument("--work", type=Path, help="directory for data, runs and logs")
+    parser.add_argument(
+        "--fedmq-evaluate",
+        action="store_true",
+        help="keep fedmq's federated evaluation on (its default; Flower here runs none)",
+    )
     args = parser.parse_args()
 
     systems = tuple(s for s in SYSTEMS if not (args.skip_flower and s == "flower"))
@@ -412,6 +432,7 @@ def main() -> None:
         reps=args.reps,
         systems=systems,
         flower_python=python,
+        evaluate=args.fedmq_evaluate,
     )
     print(f"\nmachine: {os.cpu_count()} cores; benchmark took {time.time() - started:.0f} s")
     print(table(summary, args.reps))
