@@ -220,6 +220,7 @@ class ClientLoop:
             self.connection_lost(client)
             return
         sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as broker.connection's
         dial = _Dial(client, sock, time.monotonic())
         self._dialling[id(client)] = dial
         code = sock.connect_ex(address)
