@@ -20,6 +20,7 @@ def _load(name: str):
         sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
     return module
 
@@ -55,13 +56,39 @@ def test_agent_costs_on_the_demo(tmp_path):
 
 def test_ingest_small_run(tmp_path):
     ingest = _load("ingest")
-    rows, serial = ingest.measure(tmp_path, [0.05], devices=4, concurrency=4, updates=20)
-    (row,) = rows
-    assert row["updates"] == 4 and 0.04 < row["update_mb"] < 0.06
-    assert row["ceiling_mb_s"] > 0 and row["fedmq_mb_s"] > 0
-    assert row["ratio"] == pytest.approx(row["fedmq_mb_s"] / row["ceiling_mb_s"])
+    seen = []
+    results, serial = ingest.measure(
+        tmp_path, [0.05], devices=4, concurrency=4, updates=20, reps=1, progress=seen.append
+    )
+    (size,) = results
+    assert size.updates == 4 and 40_000 < size.update_bytes < 60_000
+    assert [r.kind for r in size.runs] == ["ceiling", "fedmq"] == [r.kind for r in seen]
+    for run in size.runs:  # each run's own record agrees with the receiver's
+        assert run.updates == run.acked == run.received == 4
+        assert run.update_bytes == size.update_bytes and 0 < run.seconds < 60
+    (ratio,) = size.ratios()
+    assert ratio == pytest.approx(size.of("fedmq")[0].mb_s / size.of("ceiling")[0].mb_s)
     assert serial["updates"] == 20 and serial["ms_per_update"] > 0
-    assert "fedmq/ceiling" in ingest.report(rows, serial)
+    assert "fedmq/ceiling" in ingest.report(results, serial)
+
+
+def test_ingest_checks_catch_a_lost_update():
+    ingest = _load("ingest")
+    sent = {"t/a": 10, "t/b": 10}
+    assert ingest.check_ceiling(sent, 2, [("t/a", 10), ("t/b", 10), ("t/b", 10)]) == 2
+    for acked, received in ((1, [("t/a", 10), ("t/b", 10)]), (2, [("t/a", 10)])):
+        with pytest.raises(RuntimeError):
+            ingest.check_ceiling(sent, acked, received)
+    with pytest.raises(RuntimeError):  # arrived cut short
+        ingest.check_ceiling(sent, 2, [("t/a", 10), ("t/b", 9)])
+    lines = [{"digest": "x", "outcome": "accepted"}, {"digest": "y", "outcome": "accepted"}]
+    assert ingest.check_journal({"x", "y"}, 2, lines) == 2
+    with pytest.raises(RuntimeError):
+        ingest.check_journal({"x", "y"}, 2, lines[:1])
+    with pytest.raises(RuntimeError):
+        ingest.check_journal({"x", "y"}, 2, [lines[0], {**lines[1], "outcome": "rejected"}])
+    with pytest.raises(RuntimeError):
+        ingest.check_journal({"x", "y"}, 1, lines)
 
 
 def test_hidden_for_sizes():
