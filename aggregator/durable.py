@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 # fsyncs waited for together: the disk commits them in one go (a journaling file system
 # joins concurrent fsyncs into one commit), where one after another costs one commit each
 _SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmq-fsync")
+# a commit that runs while its caller goes on (fsync_all_later): one at a time, in order
+_LATER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmq-commit")
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,6 +48,12 @@ def fsync_all(fds: list[int]) -> None:
         os.fsync(fds[0])
     elif fds:
         list(_SYNCS.map(os.fsync, fds))
+
+
+def fsync_all_later(fds: list[int]) -> Future:
+    """``fsync_all(fds)`` in the background: the returned future is done when every byte
+    written to ``fds`` before this call is on disk (its ``result()`` raises the OSError)."""
+    return _LATER.submit(fsync_all, list(fds))
 
 
 def write_together(replace: dict[Path, bytes], append: dict[Path, str]) -> None:

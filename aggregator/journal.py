@@ -12,10 +12,12 @@
 
 Writes are buffered and made durable together by ``commit()`` (group commit:
 one concurrent pair of fsyncs for every update that arrived meanwhile); the service acks
-updates to the broker only after ``commit()``. On open, a torn last line is cut
-and an accepted line whose payload is not wholly on disk (or does not match its
-digest) is dropped: that update was never acknowledged, so the broker delivers
-it again. The round's directory is removed once its checkpoint is written.
+updates to the broker only after ``commit()``, or once the future of
+``commit_later()`` is done (the disk works while the service handles the next updates).
+On open, a torn last line is cut and an accepted line whose payload is not wholly
+on disk (or does not match its digest) is dropped: that update was never
+acknowledged, so the broker delivers it again. The round's directory is removed
+once its checkpoint is written.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ import json
 import shutil
 from collections import Counter
 from collections.abc import Collection, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
-from aggregator.durable import atomic_write, fsync_all, fsync_dir, read_lines, repair_tail
+from aggregator.durable import (
+    atomic_write,
+    fsync_all,
+    fsync_all_later,
+    fsync_dir,
+    read_lines,
+    repair_tail,
+)
 
 
 def payload_digest(payload: bytes) -> str:
@@ -46,6 +56,7 @@ class RoundJournal:
         self._blobs = None
         self._blob_size = 0
         self._dirty = False
+        self._syncing: Future | None = None  # commit_later's fsync, until waited for
 
     @classmethod
     def open(cls, run_dir: Path, round_: int) -> RoundJournal:
@@ -166,12 +177,33 @@ class RoundJournal:
         """Make every record so far durable: payloads and lines in one concurrent wait for
         the disk. Their order does not matter: on open, an accepted line whose payload is
         not wholly on disk (or does not match its digest) is dropped, and it was not acked."""
+        self._wait_syncing()
         if not self._dirty:
             return
-        for fh in (self._blobs, self._lines):
-            fh.flush()
+        self._flush()
         fsync_all([self._blobs.fileno(), self._lines.fileno()])
         self._dirty = False
+
+    def commit_later(self) -> Future | None:
+        """``commit()`` in the background: hand the records so far to the OS now and return
+        a future that is done once they are durable (None: nothing new to commit). Records
+        made meanwhile wait for the next commit; ``commit()`` waits for this one too."""
+        self._wait_syncing()
+        if not self._dirty:
+            return None
+        self._flush()
+        self._syncing = fsync_all_later([self._blobs.fileno(), self._lines.fileno()])
+        self._dirty = False  # what is not durable yet is the future's
+        return self._syncing
+
+    def _wait_syncing(self) -> None:
+        if self._syncing is not None:
+            syncing, self._syncing = self._syncing, None
+            syncing.result()  # an OSError is the disk's: the caller's to raise
+
+    def _flush(self) -> None:
+        for fh in (self._blobs, self._lines):
+            fh.flush()
 
     def close(self) -> None:
         self.commit()

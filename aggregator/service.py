@@ -28,6 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,6 +234,9 @@ class Aggregator:
         self.run_dir = RunDir(config.run_dir)
         self.on_event = on_event or (lambda kind, info: None)
         self._inbox = Inbox(RECEIVE_MAXIMUM, config.inbox_bytes)
+        # the last batch's commit (its fsync's future, None if it wrote nothing) and the
+        # (mid, qos) it will make durable: acked by _ack_durable
+        self._unacked: tuple[Future | None, list[tuple[int, int]]] | None = None
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._watch: ConnectionWatch | None = None  # made by run(): says why the link failed
@@ -519,6 +523,7 @@ class Aggregator:
             if current is None:
                 return 0
             if self._stop.is_set():
+                self._ack_durable()  # on disk already: no need for the broker to resend it
                 self.phase = "stopped"
                 return 0
             if deadline is not None and time.monotonic() > deadline:
@@ -710,9 +715,15 @@ class Aggregator:
         return current
 
     def _process_batch(self, current: _Round, limit: int = 256) -> None:
-        """Handle what has arrived, make its fate durable with one commit, then ack it all."""
-        batch = self._inbox.take(limit, timeout=0.1)
+        """Handle what has arrived, make its fate durable with one commit, then ack it all.
+
+        While more is waiting, the commit's fsync runs in the background and its acks wait
+        (``_unacked``) until the next batch has been handled: the disk and the loop work at
+        once. Nothing is acked before it is on disk; with nothing waiting, the acks go out
+        as soon as it is."""
+        batch = self._inbox.take(limit, timeout=0 if self._unacked else 0.1)
         if not batch:
+            self._ack_durable()
             return
         handled, deferred = [], []
         for item in batch:
@@ -721,15 +732,28 @@ class Aggregator:
                 continue
             self._dispatch(item, current)
             handled.append(item)
-        current.journal.commit()  # group commit: one fsync for the whole batch
-        for item in handled:
-            if item.qos > 0:
-                self.client.ack(item.mid, item.qos)  # only now: its fate is on disk
-        self._inbox.done(handled)
+        # group commit: one fsync for the whole batch, once the previous batch's is done
+        syncing = current.journal.commit_later()
+        self._ack_durable()  # the previous batch: on disk before this batch's fsync began
+        self._unacked = (syncing, [(i.mid, i.qos) for i in handled if i.qos > 0])
+        self._inbox.done(handled)  # written to the OS: the payloads' room is free
+        if syncing is None or not len(self._inbox):
+            self._ack_durable()  # nothing to do meanwhile: ack as soon as it is on disk
         if deferred:
             self._inbox.put_back(deferred)
             if not handled:  # paused with a full buffer: do not spin on what must wait
                 time.sleep(0.05)
+
+    def _ack_durable(self) -> None:
+        """Wait for the last commit's fsync, then ack what it made durable (an OSError from
+        the disk propagates: nothing is acked)."""
+        if self._unacked is None:
+            return
+        (syncing, acks), self._unacked = self._unacked, None
+        if syncing is not None:
+            syncing.result()
+        for mid, qos in acks:
+            self.client.ack(mid, qos)  # only now: its fate is on disk
 
     def _buffer_full(self, current: _Round) -> bool:
         """FedBuff's round takes the first ``buffer_size`` accepted updates and closes:
@@ -1152,6 +1176,7 @@ class Aggregator:
         return current
 
     def _complete(self, current: _Round) -> _Round | None:
+        self._ack_durable()  # every accepted update acked before the round's result
         self.phase = "aggregating"
         if current.secure is not None:
             result = aggregate_secure(self.strategy, self.weights, current.secure)
