@@ -352,11 +352,10 @@ def forget_session(fed: LocalFederation) -> None:
 def ceiling_jobs(fed: LocalFederation, task: TaskSpec, names: list[str]):
     """Updates of the same size for the ceiling, signed for a run id of the same length as
     a real one's (nobody checks them)."""
-    model = messages.decode_model(
-        messages.encode_model(initial_weights(task), 1, task, federation=fed.name, run_id="0" * 16)[
-            0
-        ]
+    payload, _ = messages.encode_model(
+        initial_weights(task), 1, task, federation=fed.name, run_id="0" * 16
     )
+    model = messages.decode_model(payload)
     return [
         (
             fed.credentials(d),
