@@ -458,6 +458,7 @@ def main() -> None:
     if not sizes or min(sizes) <= 0 or args.devices < 1 or args.reps < 1:
         parser.error("--sizes, --devices and --reps must be positive")
     work = Path(tempfile.mkdtemp(prefix="fedmq-ingest-"))
+    print(f"work directory (broker, aggregator logs, run directories): {work}", file=sys.stderr)
     results, serial = measure(
         work,
         sizes,
