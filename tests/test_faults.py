@@ -136,11 +136,12 @@ def aggregator_args(task_path, run_dir):
         str(DEADLINE),
         "--run-dir",
         str(run_dir),
+        "--no-plot",  # seconds of matplotlib after the final state, at every exit
     )
 
 
 def resume_args(run_dir):
-    return ("--run-dir", str(run_dir), "--resume", "--deadline", str(DEADLINE))
+    return ("--run-dir", str(run_dir), "--resume", "--deadline", str(DEADLINE), "--no-plot")
 
 
 def test_sigkill_aggregator_then_resume_gives_the_uninterrupted_model(
@@ -260,6 +261,7 @@ def test_below_quorum_at_deadline_stops_with_a_clear_message(federation, tmp_pat
         "stop",
         "--run-dir",
         str(tmp_path / "run"),
+        "--no-plot",
         log=tmp_path / "agg.log",
     )
     assert agg.wait(60) == 1

@@ -113,7 +113,7 @@ def test_sigkill_then_resume_ends_bit_identical(federation, tmp_path, files, whi
     fed = federation(devices=DEVICES, name="killed")
     task = task_file(tmp_path / "task.toml", strategy)
     run_dir, log = tmp_path / "run", tmp_path / "aggregator.log"
-    args = ("--task", str(task), "--rounds", str(ROUNDS), "--min-devices", "3")
+    args = ("--task", str(task), "--rounds", str(ROUNDS), "--min-devices", "3", "--no-plot")
     if "privacy" in strategy:  # the same secret, so the same noise as the reference run
         run_dir.mkdir()
         (run_dir / "secret.key").write_bytes((tmp_path / "reference" / "secret.key").read_bytes())
@@ -131,7 +131,7 @@ def test_sigkill_then_resume_ends_bit_identical(federation, tmp_path, files, whi
     assert 1 <= done < ROUNDS
     if which not in ("fedbuff", "dp"):  # no state of their own (journal, secret)
         assert RunDir(run_dir).strategy_state(done), "no strategy state checkpointed"
-    agg = fed.spawn_aggregator("--run-dir", str(run_dir), "--resume", log=log)
+    agg = fed.spawn_aggregator("--run-dir", str(run_dir), "--resume", "--no-plot", log=log)
     assert agg.wait(90) == 0, log.read_text()
     assert_same_model(final_weights(run_dir), expected)
 
