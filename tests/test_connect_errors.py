@@ -21,6 +21,7 @@ import pytest
 
 from broker import diagnose
 from broker.connection import ConnectionSettings, ConnectionWatch, make_client
+from broker.errors import ConfigError
 from broker.home import BrokerHome, load_credentials
 from broker.launcher import free_port
 from fedmq.local import AGGREGATOR, OPERATOR
@@ -290,6 +291,20 @@ def test_certificate_names_reads_the_brokers_sans(federation):
     fed = federation(devices=[], hostnames=["broker.lan", "10.1.2.3"])
     assert diagnose.certificate_names("127.0.0.1", fed.tls_port) == ["broker.lan", "10.1.2.3"]
     assert diagnose.certificate_names("127.0.0.1", free_port()) is None
+
+
+def test_the_reconnect_backoff_cap_can_be_shortened(monkeypatch):
+    from broker.connection import RECONNECT_MAX, RECONNECT_MIN
+
+    s = ConnectionSettings("127.0.0.1", 1)
+    monkeypatch.delenv("FEDMQ_RECONNECT_MAX", raising=False)
+    assert make_client(s, "r1")._reconnect_max_delay == RECONNECT_MAX == 30
+    monkeypatch.setenv("FEDMQ_RECONNECT_MAX", "2")
+    client = make_client(s, "r2")
+    assert (client._reconnect_min_delay, client._reconnect_max_delay) == (RECONNECT_MIN, 2)
+    monkeypatch.setenv("FEDMQ_RECONNECT_MAX", "soon")
+    with pytest.raises(ConfigError, match="FEDMQ_RECONNECT_MAX='soon'"):
+        make_client(s, "r3")
 
 
 def test_reason_codes_become_sentences():
