@@ -48,6 +48,7 @@ FALLBACK_NOTE = (
 )
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps a disconnected client's session
 RECONNECT_MIN, RECONNECT_MAX = 1, 30  # seconds of backoff
+RECONNECT_MAX_ENV = "FEDMQ_RECONNECT_MAX"  # a shorter cap: tests that stop the broker a while
 
 
 @dataclass(frozen=True)
@@ -380,11 +381,23 @@ def make_client(
         )
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
-    client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
+    client.reconnect_delay_set(RECONNECT_MIN, reconnect_max())
     client.max_inflight_messages_set(20)
     client.max_queued_messages_set(0)
     client.user_data_set({"persistent": persistent})
     return client
+
+
+def reconnect_max() -> int:
+    """Seconds paho's backoff grows to between reconnection attempts: RECONNECT_MAX, or
+    FEDMQ_RECONNECT_MAX (at least RECONNECT_MIN)."""
+    value = os.environ.get(RECONNECT_MAX_ENV)
+    if not value:
+        return RECONNECT_MAX
+    try:
+        return max(RECONNECT_MIN, int(value))
+    except ValueError:
+        raise ConfigError(f"{RECONNECT_MAX_ENV}={value!r}: a whole number of seconds") from None
 
 
 def connect_properties(persistent: bool, receive_maximum: int | None = None) -> Properties:

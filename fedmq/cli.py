@@ -404,6 +404,13 @@ def aggregator() -> None:
     "one signed partial result.",
 )
 @click.option(
+    "--plot/--no-plot",
+    default=True,
+    show_default=True,
+    help="Draw the run's plots (metrics.png, devices.png, bytes.png) in --run-dir when it ends; "
+    "--no-plot skips those seconds of matplotlib where nobody looks (scripts, tests).",
+)
+@click.option(
     "--secure-sum",
     is_flag=True,
     help="With --upstream: the site's devices send masked inputs (SecAgg+, the task's "
@@ -426,6 +433,7 @@ def aggregator_start(
     device_keys,
     insecure,
     upstream_file,
+    plot,
     secure_sum,
     arch,
 ) -> None:
@@ -496,6 +504,7 @@ def aggregator_start(
             insecure=insecure,
             architectures=registered,
             upstream=upstream,
+            plot=plot,
             devices=(
                 known_devices(device_keys or config.get("device_keys")) if settings.cluster else ()
             ),

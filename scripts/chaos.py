@@ -116,6 +116,8 @@ class Chaos:
 
     def spawn_aggregator(self, fed, resume: bool):
         args = ["--run-dir", str(self.run_dir), "--deadline", str(self.args.deadline)]
+        if self.args.no_plot:
+            args.append("--no-plot")
         if resume:
             args.append("--resume")
         else:
@@ -244,6 +246,9 @@ def main() -> int:
         help="seconds a round waits for present devices before closing with its quorum",
     )
     parser.add_argument("--workdir", type=Path, help="keep logs and run dirs here")
+    parser.add_argument(
+        "--no-plot", action="store_true", help="the aggregator draws no plots when it ends"
+    )
     args = parser.parse_args()
     args.min_devices = args.min_devices or max(1, args.devices - 1)
     console = Console(soft_wrap=True)  # the summary stays one line in logs and pipes

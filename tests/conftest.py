@@ -21,6 +21,12 @@ def pytest_configure(config):
         "/usr/sbin/mosquitto"
     ):
         raise pytest.UsageError("mosquitto is not installed: run `make test` (it installs it)")
+    # In-process agents and aggregators train and average with one torch thread, as the
+    # processes fedmq.local spawns do (--threads 1) and as every test after test_demo.py did
+    # anyway (run_demo sets it for the process). Two intra-op threads on a busy 2-core
+    # machine made a small training 10x slower: a broker stop meant to last one training
+    # outlasted a 60 s wait.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

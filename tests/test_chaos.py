@@ -30,6 +30,7 @@ def test_short_chaos_run_loses_nothing_and_ends_with_the_replayed_model(tmp_path
             "2000",
             "--workdir",
             str(tmp_path),
+            "--no-plot",  # the aggregator's seconds of matplotlib after its final state
         ],
         capture_output=True,
         text=True,

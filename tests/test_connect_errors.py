@@ -21,6 +21,7 @@ import pytest
 
 from broker import diagnose
 from broker.connection import ConnectionSettings, ConnectionWatch, make_client
+from broker.errors import ConfigError
 from broker.home import BrokerHome, load_credentials
 from broker.launcher import free_port
 from fedmq.local import AGGREGATOR, OPERATOR
@@ -124,13 +125,15 @@ def test_agent_warns_that_nothing_listens_and_keeps_trying(federation, data):
     address = f"127.0.0.1:{free_port()}"
     code, out, took = fedmq(
         "agent", "run", "--config", fed.credentials("bob"), "--broker", address,
-        "--data", data, "--timeout", 4,
+        "--data", data, "--timeout", 3,
     )  # fmt: skip
     warnings = [line for line in out.splitlines() if " WARNING " in line]
     assert warnings and "connection refused" in warnings[0] and address in warnings[0], out
-    assert len(warnings) == 1  # retried for 4 s, said so once (at most every 30 s)
+    # retried for 3 s (refused at 0 s and again after the 1 s backoff), said so once (at most
+    # every 30 s)
+    assert len(warnings) == 1
     assert code == 2  # --timeout's own exit code, as its help says
-    one_error_line(out, "gave up after 4s", "connection refused", address)
+    one_error_line(out, "gave up after 3s", "connection refused", address)
     assert took < WITHIN
 
 
@@ -269,7 +272,7 @@ def test_a_device_account_cannot_run_the_aggregator(federation, tmp_path):
 def test_an_agent_says_once_that_it_waits_for_the_first_model(federation, data):
     fed = federation(devices=["bob"])
     code, out, _ = fedmq(
-        "agent", "run", "--config", fed.credentials("bob"), "--data", data, "--timeout", 4
+        "agent", "run", "--config", fed.credentials("bob"), "--data", data, "--timeout", 3
     )
     expected = (
         f"connected to 127.0.0.1:{fed.tls_port}; waiting for the aggregator's first model on "
@@ -278,7 +281,7 @@ def test_an_agent_says_once_that_it_waits_for_the_first_model(federation, data):
     assert out.count(expected) == 1, out
     assert " WARNING " not in out, out
     assert code == 2
-    one_error_line(out, "gave up after 4s without a finished run")
+    one_error_line(out, "gave up after 3s without a finished run")
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -288,6 +291,20 @@ def test_certificate_names_reads_the_brokers_sans(federation):
     fed = federation(devices=[], hostnames=["broker.lan", "10.1.2.3"])
     assert diagnose.certificate_names("127.0.0.1", fed.tls_port) == ["broker.lan", "10.1.2.3"]
     assert diagnose.certificate_names("127.0.0.1", free_port()) is None
+
+
+def test_the_reconnect_backoff_cap_can_be_shortened(monkeypatch):
+    from broker.connection import RECONNECT_MAX, RECONNECT_MIN
+
+    s = ConnectionSettings("127.0.0.1", 1)
+    monkeypatch.delenv("FEDMQ_RECONNECT_MAX", raising=False)
+    assert make_client(s, "r1")._reconnect_max_delay == RECONNECT_MAX == 30
+    monkeypatch.setenv("FEDMQ_RECONNECT_MAX", "2")
+    client = make_client(s, "r2")
+    assert (client._reconnect_min_delay, client._reconnect_max_delay) == (RECONNECT_MIN, 2)
+    monkeypatch.setenv("FEDMQ_RECONNECT_MAX", "soon")
+    with pytest.raises(ConfigError, match="FEDMQ_RECONNECT_MAX='soon'"):
+        make_client(s, "r3")
 
 
 def test_reason_codes_become_sentences():

@@ -30,6 +30,13 @@ DEADLINE = 20  # seconds: far above a round here (< 1 s), so only a lost update 
 
 
 @pytest.fixture
+def quick_reconnect(monkeypatch):
+    """Clients (in-process and spawned) retry a stopped broker every second, not on paho's
+    backoff (1, 2, 4, ... up to 30 s): the link-down test waited ~2 s longer for it."""
+    monkeypatch.setenv("FEDMQ_RECONNECT_MAX", "1")
+
+
+@pytest.fixture
 def workload(tmp_path):
     files = write_blobs(tmp_path / "data", DEVICES)
     return files, blobs_task(tmp_path)
@@ -136,11 +143,12 @@ def aggregator_args(task_path, run_dir):
         str(DEADLINE),
         "--run-dir",
         str(run_dir),
+        "--no-plot",  # seconds of matplotlib after the final state, at every exit
     )
 
 
 def resume_args(run_dir):
-    return ("--run-dir", str(run_dir), "--resume", "--deadline", str(DEADLINE))
+    return ("--run-dir", str(run_dir), "--resume", "--deadline", str(DEADLINE), "--no-plot")
 
 
 def test_sigkill_aggregator_then_resume_gives_the_uninterrupted_model(
@@ -172,7 +180,9 @@ def test_sigkill_aggregator_then_resume_gives_the_uninterrupted_model(
     assert_every_update_once(run_dir, audit_logs(fed, run_dir, tmp_path, log))
 
 
-def test_broker_restart_mid_round_loses_nothing(federation, tmp_path, uneven_workload):
+def test_broker_restart_mid_round_loses_nothing(
+    federation, tmp_path, uneven_workload, quick_reconnect
+):
     files, task_path = uneven_workload
     fed = federation(devices=DEVICES)
     run_dir = tmp_path / "run"
@@ -191,7 +201,7 @@ def test_broker_restart_mid_round_loses_nothing(federation, tmp_path, uneven_wor
 
 
 def test_broker_restart_does_not_drop_a_device_that_is_still_training(
-    federation, tmp_path, uneven_workload
+    federation, tmp_path, uneven_workload, quick_reconnect
 ):
     """mosquitto fires every client's will when it shuts down, and after a clean restart
     each device's retained status says offline until the device reconnects: an "offline"
@@ -260,6 +270,7 @@ def test_below_quorum_at_deadline_stops_with_a_clear_message(federation, tmp_pat
         "stop",
         "--run-dir",
         str(tmp_path / "run"),
+        "--no-plot",
         log=tmp_path / "agg.log",
     )
     assert agg.wait(60) == 1
@@ -269,7 +280,7 @@ def test_below_quorum_at_deadline_stops_with_a_clear_message(federation, tmp_pat
 
 
 def test_update_published_while_the_link_is_down_arrives_after_reconnect(
-    federation, tmp_path, workload
+    federation, tmp_path, workload, quick_reconnect
 ):
     """The broker goes away while dev3 trains; its update is sent once it reconnects."""
     files, task_path = workload

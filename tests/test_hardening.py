@@ -187,7 +187,10 @@ def test_a_short_round_is_announced_again(federation, tmp_path):
         join(thread, 20)
 
 
-def test_the_final_model_is_published_even_if_the_broker_is_down_at_the_end(federation, tmp_path):
+def test_the_final_model_is_published_even_if_the_broker_is_down_at_the_end(
+    federation, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FEDMQ_RECONNECT_MAX", "1")  # retry each second, not at 1 s then 3 s
     fed = federation(devices=["bob"])
     restarted = threading.Event()
 

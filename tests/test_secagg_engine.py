@@ -250,6 +250,7 @@ def test_sigkill_mid_secure_round_then_resume_starts_the_round_over(federation, 
     task.write_text(BLOBS_TASK + "\n" + SECURE)
     run_dir, log = tmp_path / "killed-run", tmp_path / "aggregator.log"
     args = ("--task", str(task), "--rounds", "3", "--min-devices", "4", "--deadline", "60")
+    args += ("--no-plot",)
     agg = fed.spawn_aggregator(*args, "--run-dir", str(run_dir), log=log)
     sent: list[int] = []
     for d in devices:
@@ -261,7 +262,7 @@ def test_sigkill_mid_secure_round_then_resume_starts_the_round_over(federation, 
     wait_for(lambda: 2 in sent, 60, "a masked input of round 2", interval=0.005)
     done, _ = sigkill(agg, run_dir)
     assert done == 1, done
-    agg = fed.spawn_aggregator("--run-dir", str(run_dir), "--resume", log=log)
+    agg = fed.spawn_aggregator("--run-dir", str(run_dir), "--resume", "--no-plot", log=log)
     assert agg.wait(90) == 0, log.read_text()[-3000:]
     assert completed(run_dir) == 3
     rows = RunDir(run_dir).metrics()

@@ -41,23 +41,26 @@ def judge(parser, payload: bytes) -> str:
     try:
         parser(payload)
     except CodecError as exc:
-        assert exc.reason in REASONS, exc.reason
+        assert exc.reason in REASONS, (parser.__name__, exc.reason)
         return exc.reason
     return "ok"
 
 
-@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
+# Each generated example goes to every parser: 400 examples each, as when the test was
+# parametrized by parser, for a third of the generating (most of the time: the nested JSON).
 @FUZZ
 @given(data=st.binary(max_size=300))
-def test_any_bytes_parse_or_are_refused_by_reason(parser, data):
-    judge(parser, data)
+def test_any_bytes_parse_or_are_refused_by_reason(data):
+    for parser in PARSERS:
+        judge(parser, data)
 
 
-@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
 @FUZZ
 @given(obj=objects)
-def test_any_json_object_parses_or_is_refused_by_reason(parser, obj):
-    judge(parser, json.dumps(obj).encode())
+def test_any_json_object_parses_or_is_refused_by_reason(obj):
+    payload = json.dumps(obj).encode()
+    for parser in PARSERS:
+        judge(parser, payload)
 
 
 @pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)

@@ -28,7 +28,7 @@ def test_fedmq_aggregator_start_upstream_runs_a_site(federation, tmp_path):
         site_proc = site.spawn(
             "aggregator", "start", "--config", str(site.credentials(AGGREGATOR)),
             "--upstream", str(site.home.upstream_path), "--min-devices", "1",
-            "--run-dir", str(tmp_path / "run-site"), log=logs["site"],
+            "--run-dir", str(tmp_path / "run-site"), "--no-plot", log=logs["site"],
         )  # fmt: skip
         agent = site.spawn_agent("d1", data["d1"], "--exit-when-done", log=logs["agent"])
         codes = [p.wait(90) for p in (root_proc, site_proc, agent)]
@@ -37,6 +37,9 @@ def test_fedmq_aggregator_start_upstream_runs_a_site(federation, tmp_path):
     text = {name: path.read_text() for name, path in logs.items()}
     assert codes == [0, 0, 0], text
     assert "following it" in text["site"]
+    # the root drew its plots (the default), the site did not (--no-plot)
+    assert (tmp_path / "run-root" / "metrics.png").read_bytes().startswith(b"\x89PNG")
+    assert not list((tmp_path / "run-site").glob("*.png"))
     root_rows = RunDir(tmp_path / "run-root").metrics()
     site_rows = RunDir(tmp_path / "run-site").metrics()
     assert [r["contributors"] for r in root_rows] == [["site-a"], ["site-a"]]
