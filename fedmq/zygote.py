@@ -233,9 +233,12 @@ class Zygote:
             said = log.read_text(errors="replace")[-2000:] if log else ""
             code = self.proc.wait()
             raise RuntimeError(f"the zygote exited ({code}) before it was ready\n{said}")
-        self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._read, daemon=True, name="zygote-reports")
         self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def _read(self) -> None:
         for line in self.proc.stdout:  # type: ignore[union-attr]

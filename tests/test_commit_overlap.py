@@ -23,6 +23,7 @@ from broker.connection import ConnectionSettings
 from broker.task import TaskSpec
 from broker.topics import Topics
 from fedmq.synthetic import mlp_task
+from tests.helpers import wait_for
 
 DEVICES = [f"d{i}" for i in range(4)]
 
@@ -59,15 +60,6 @@ class GatedDisk:
         with self._lock:
             size = self.durable.get(str(path), 0)
         return path.read_bytes()[:size].count(b"\n")
-
-
-def wait_for(condition, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
@@ -116,12 +108,13 @@ def test_the_next_batch_is_handled_during_the_fsync_and_acks_wait_for_the_disk(
     agg.client.ack = lambda mid, qos: acked.append((mid, disk.durable_lines(current.journal.path)))
 
     agg._process_batch(current, limit=2)  # d0, d1: written, fsync started, more waiting
-    assert current.accepted == 2 and wait_for(lambda: disk.calls >= 1)
+    assert current.accepted == 2 and wait_for(lambda: disk.calls >= 1, 10, "the first fsync")
     assert acked == []  # their fsync has not finished
 
     second = threading.Thread(target=agg._process_batch, args=(current, 2))
     second.start()
-    assert wait_for(lambda: current.accepted == 4)  # d2, d3 handled while d0, d1's fsync waits
+    # d2, d3 handled while d0, d1's fsync waits
+    assert wait_for(lambda: current.accepted == 4, 10, "d2 and d3 handled")
     assert acked == []
     disk.gate.set()
     second.join(10)
@@ -138,7 +131,7 @@ def test_a_failed_fsync_acks_nothing_and_stops_the_loop(aggregator, monkeypatch)
     acked: list[int] = []
     agg.client.ack = lambda mid, qos: acked.append(mid)
     agg._process_batch(current, limit=2)  # d0, d1: their fsync is held
-    assert current.accepted == 2 and wait_for(lambda: disk.calls >= 1)
+    assert current.accepted == 2 and wait_for(lambda: disk.calls >= 1, 10, "the first fsync")
     disk.fail = True
     disk.gate.set()
     with pytest.raises(OSError, match="injected"):
