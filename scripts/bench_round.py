@@ -55,15 +55,19 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
     )
     peak = [0.0, 0.0]  # in the round; after it (the run's plots are drawn at the end)
     anon = [0.0]  # the round's peak of anonymous memory (heap: not code or mapped files)
+    split = [0.0, 0.0]  # (anonymous, file-backed) at the round's peak of resident memory
     model_seen = threading.Event()
 
     def sample() -> None:
         while proc.poll() is None:
             after = (work / "run" / "metrics.jsonl").exists()  # the round is committed
             rss = memory_mb(proc.pid)
-            peak[after] = max(peak[after], rss)
             if not after:
-                anon[0] = max(anon[0], memory_mb(proc.pid, "RssAnon"))
+                now_anon = memory_mb(proc.pid, "RssAnon")
+                anon[0] = max(anon[0], now_anon)
+                if rss > peak[0]:
+                    split[:] = [now_anon, memory_mb(proc.pid, "RssFile")]
+            peak[after] = max(peak[after], rss)
             log_file = work / "aggregator.log"  # devices publish once the model is out:
             if not model_seen.is_set() and "announced model" in _read(log_file):
                 model_seen.set()  # its subscription is in place (state.json comes earlier)
@@ -76,6 +80,7 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
     jobs = make_jobs(run_id)
     idle = memory_mb(proc.pid)
     idle_anon = memory_mb(proc.pid, "RssAnon")
+    idle_file = memory_mb(proc.pid, "RssFile")
     start = time.perf_counter()
     errors = publish_all(jobs, concurrency=concurrency)
     for _ in range(3):  # as a device would: a session that failed tries again
@@ -91,7 +96,7 @@ def fedmq_round(fed: LocalFederation, work: Path, task_path: Path, make_jobs, co
     seconds = time.perf_counter() - start
     sampler.join()
     assert RunDir(work / "run").metrics()[0]["devices"] == len(jobs)
-    return seconds, idle, peak, (idle_anon, anon[0])
+    return seconds, idle, peak, (idle_anon, anon[0]), (split[1] - idle_file, split[0] - idle_anon)
 
 
 def _read(path: Path) -> str:
@@ -144,8 +149,8 @@ def main() -> None:
             )
         )
         del jobs
-        ours, rss_idle, (rss_peak, rss_after), (anon_idle, anon_peak) = fedmq_round(
-            fed, work, task_path, make_jobs, args.concurrency
+        ours, rss_idle, (rss_peak, rss_after), (anon_idle, anon_peak), (file_up, anon_up) = (
+            fedmq_round(fed, work, task_path, make_jobs, args.concurrency)
         )
 
     if raw is not None:
@@ -170,6 +175,10 @@ def main() -> None:
         f"of which anonymous memory (heap and buffers; the rest is code and files mapped): "
         f"{anon_idle:.0f} MB waiting, {anon_peak:.0f} MB peak, over waiting "
         f"{anon_peak - anon_idle:.0f} MB = {(anon_peak - anon_idle) / model_mb:.1f} models"
+    )
+    print(
+        f"at the peak of resident memory: anonymous +{anon_up:.0f} MB, file-backed "
+        f"+{file_up:.0f} MB (pages of code and libraries the round runs for the first time)"
     )
 
 
