@@ -64,6 +64,16 @@ class AgentConfig:
     # secure aggregation: this device's registry-certified key and the registry's public
     # key, to check its peers' advertisements (None: it cannot take part, unless insecure)
     identity: Identity | None = None
+    # a round's training is said in status ("training", then "online" with the update)
+    # when the last one took at least this long, or there was none yet: for a round
+    # trained in milliseconds the two messages cost the fleet more than they tell anyone
+    training_status_seconds: float = 1.0
+
+
+def says_training(last_train_seconds: float | None, threshold: float) -> bool:
+    """Whether to say "training" in status before a round's training: when it is the
+    first, or the last one took at least ``threshold`` seconds (long enough to be seen)."""
+    return last_train_seconds is None or last_train_seconds >= threshold
 
 
 class Agent:
@@ -105,6 +115,8 @@ class Agent:
         )
         self._connected_at: float | None = None  # monotonic time of the first connection
         self._said_connected = False
+        self._said = ""  # the last status published (from either thread)
+        self._last_train_seconds: float | None = None
 
     # -- network thread: route only -------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -337,7 +349,8 @@ class Agent:
     def _train(self, msg: messages.ModelMessage, hooks: TrainingHooks):
         """Train on the round's model: (weights to send, samples, metrics)."""
         cfg = self.config
-        self._publish_status("training", round_=msg.round)
+        if says_training(self._last_train_seconds, cfg.training_status_seconds):
+            self._publish_status("training", round_=msg.round)
         started = time.monotonic()
         model = self._model_for(msg)
         inputs, targets = self._tensors_for(msg, model)
@@ -347,6 +360,7 @@ class Agent:
         seed = training_seed(msg.task.seed, msg.round, cfg.device_id)
         result = train_tensors(model, inputs, targets, msg.task.train, seed, hooks)
         metrics = {"train_loss": result.train_loss, "train_seconds": time.monotonic() - started}
+        self._last_train_seconds = metrics["train_seconds"]
         if "loss" in before:
             metrics["eval_loss"] = before["loss"]
         if "accuracy" in before:
@@ -377,7 +391,8 @@ class Agent:
         self._last_update = (msg.model_hash, payload)
         # QoS 1: if the link is down, paho keeps it and sends it after reconnecting
         info = self.client.publish(self.topics.update(cfg.device_id), payload, qos=1)
-        self._publish_status("online", round_=msg.round)
+        if self._said != "online":  # it said "training", or skipped an earlier round
+            self._publish_status("online", round_=msg.round)
         log.info(
             "round %d: trained on %d samples, loss %.4f, published %d bytes",
             msg.round,
@@ -543,6 +558,7 @@ class Agent:
     def _publish_status(
         self, status: str, round_: int | None = None, reason: str = ""
     ) -> mqtt.MQTTMessageInfo:
+        self._said = status
         return self.client.publish(
             self.topics.status(self.config.device_id),
             self._status_payload(status, round_, reason),
