@@ -152,6 +152,39 @@ def test_round_trip_every_wire_dtype_and_metadata():
     assert int(decoded.tensors["i64_buffer"]) == 2**62 + 1
 
 
+def test_encode_writes_what_safetensors_torch_save_writes():
+    """encode goes through safetensors' numpy writer (bfloat16 excepted): what it writes
+    must be the library's torch writer's, for every wire dtype, name order and size."""
+    from safetensors.torch import save
+
+    gen = torch.Generator().manual_seed(3)
+    samples = [
+        {"w": torch.randn(64, 64, generator=gen), "b": torch.zeros(64), "n": torch.tensor(3)},
+        {"z": torch.zeros(0, 5), "a": torch.tensor([True, False]), "m": torch.ones(2, 3, 4)},
+    ]
+    for i, dtype in enumerate(
+        (torch.float64, torch.float16, torch.int32, torch.int16, torch.int8, torch.uint8)
+    ):
+        shape = torch.randint(1, 9, (1 + i % 3,), generator=gen).tolist()
+        samples.append({f"t{j}": torch.ones(shape).to(dtype) * j for j in range(i + 1)})
+    samples.append({"bf": torch.randn(5).to(torch.bfloat16), "f": torch.randn(3)})  # fallback
+    for tensors in samples:
+        metadata = {"round": "7", "note": "ünïcödé"}
+        ours, theirs = codec.encode(tensors, metadata), save(tensors, metadata=metadata)
+        # the library writes the metadata map in hash order, different from call to call
+        assert len(ours) == len(theirs)
+        assert _header(ours) == _header(theirs)
+        assert ours[8 + _header_len(ours) :] == theirs[8 + _header_len(theirs) :]
+
+
+def _header_len(payload: bytes) -> int:
+    return struct.unpack("<Q", payload[:8])[0]
+
+
+def _header(payload: bytes) -> dict:
+    return json.loads(payload[8 : 8 + _header_len(payload)])
+
+
 def test_round_trip_model_state_dict_against_its_schema():
     tensors = state()
     decoded = codec.decode(codec.encode(tensors, {"k": "v"}), schema=SCHEMA)
