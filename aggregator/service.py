@@ -568,9 +568,10 @@ class Aggregator:
         self.phase = current.phase.state
         self._state_dirty = True
         if current.phase.name in ("train", "keys"):  # announce the model with the plan
-            if current.plan is None:
+            if current.plan is None:  # no sample drawn (that one is saved as it is drawn):
+                # the plan follows from the task alone, so a restart makes the same one;
+                # not written, which kept the close's critical path four disk waits longer
                 current.plan = self.strategy.plan(current.number, (), self.task.seed)
-                save_plan(current.journal.directory, current.plan)
             secure = None
             if current.phase.name == "keys":  # a fresh session for every attempt
                 secure = self.secure.plan(len(current.selected))
@@ -1258,7 +1259,6 @@ class Aggregator:
         self._previous_digests = {
             e["digest"] for e in current.journal.entries if e["outcome"] == rounds.ACCEPTED
         }
-        current.journal.remove()
         self._last_metrics = row
         self._bases.clear()
         log.info(
@@ -1269,9 +1269,14 @@ class Aggregator:
         )
         self.on_event("round_done", row)
         if self.config.stop_after is not None and current.number >= self.config.stop_after:
+            current.journal.remove()
             self._stop.set()
             return current
-        return self._open_round(current.number + 1)
+        following = self._open_round(current.number + 1)
+        # the committed round's journal is no longer needed: removed once the next model is
+        # out, not before (a crash in between leaves a directory nothing reads)
+        current.journal.remove()
+        return following
 
     def _finish(self, number: int | None = None) -> None:
         """Publish the final model (round one past the last: ``number`` at a site, the
