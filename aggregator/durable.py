@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from pathlib import Path
 _SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmq-fsync")
 # a commit that runs while its caller goes on (fsync_all_later): one at a time, in order
 _LATER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmq-commit")
+# files no longer needed, deleted off the caller's thread (remove_tree_later)
+_CLEANUP = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmq-cleanup")
 
 
 def fsync_dir(path: Path) -> None:
@@ -54,6 +57,11 @@ def fsync_all_later(fds: list[int]) -> Future:
     """``fsync_all(fds)`` in the background: the returned future is done when every byte
     written to ``fds`` before this call is on disk (its ``result()`` raises the OSError)."""
     return _LATER.submit(fsync_all, list(fds))
+
+
+def remove_tree_later(path: Path) -> Future:
+    """``shutil.rmtree(path)`` (errors ignored) in the background; done when it is gone."""
+    return _CLEANUP.submit(shutil.rmtree, path, ignore_errors=True)
 
 
 def write_together(replace: dict[Path, bytes], append: dict[Path, str]) -> None:

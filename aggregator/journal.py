@@ -17,13 +17,14 @@ updates to the broker only after ``commit()``, or once the future of
 On open, a torn last line is cut and an accepted line whose payload is not wholly
 on disk (or does not match its digest) is dropped: that update was never
 acknowledged, so the broker delivers it again. The round's directory is removed
-once its checkpoint is written.
+once its checkpoint is written (in the background, once the next model is out).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections import Counter
 from collections.abc import Collection, Iterator
@@ -34,10 +35,15 @@ from aggregator.durable import (
     atomic_write,
     fsync_all,
     fsync_all_later,
-    fsync_dir,
     read_lines,
+    remove_tree_later,
     repair_tail,
 )
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def payload_digest(payload: bytes) -> str:
@@ -57,6 +63,9 @@ class RoundJournal:
         self._blob_size = 0
         self._dirty = False
         self._syncing: Future | None = None  # commit_later's fsync, until waited for
+        # directories whose new entries (the files, the round's own) the next commit makes
+        # durable with the files' fsyncs, not one serial wait each before the first record
+        self._new_dirs: list[Path] = []
 
     @classmethod
     def open(cls, run_dir: Path, round_: int) -> RoundJournal:
@@ -181,7 +190,12 @@ class RoundJournal:
         if not self._dirty:
             return
         self._flush()
-        fsync_all([self._blobs.fileno(), self._lines.fileno()])
+        dirs = [os.open(d, os.O_RDONLY) for d in self._new_dirs]
+        try:
+            fsync_all([self._blobs.fileno(), self._lines.fileno(), *dirs])
+        finally:
+            _close_all(dirs)
+        self._new_dirs = []
         self._dirty = False
 
     def commit_later(self) -> Future | None:
@@ -192,7 +206,10 @@ class RoundJournal:
         if not self._dirty:
             return None
         self._flush()
-        self._syncing = fsync_all_later([self._blobs.fileno(), self._lines.fileno()])
+        dirs = [os.open(d, os.O_RDONLY) for d in self._new_dirs]
+        self._syncing = fsync_all_later([self._blobs.fileno(), self._lines.fileno(), *dirs])
+        self._syncing.add_done_callback(lambda _: _close_all(dirs))
+        self._new_dirs = []
         self._dirty = False  # what is not durable yet is the future's
         return self._syncing
 
@@ -216,6 +233,12 @@ class RoundJournal:
         self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def remove_later(self) -> Future:
+        """``remove()``, the deletion in the background (unlinking a round's files took
+        milliseconds of the loop's time in every round); done when the directory is gone."""
+        self.close()
+        return remove_tree_later(self.directory)
+
     # -- internals ----------------------------------------------------------------------------
     def _files(self) -> None:
         if self._lines is None:
@@ -223,9 +246,7 @@ class RoundJournal:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._blobs = open(self.blobs_path, "ab")  # noqa: SIM115 (closed by close())
             self._lines = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            fsync_dir(self.directory)
-            if created:
-                fsync_dir(self.directory.parent)
+            self._new_dirs = [self.directory, *([self.directory.parent] if created else [])]
 
     def _write(self, entry: dict) -> None:
         self._files()

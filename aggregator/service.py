@@ -314,6 +314,7 @@ class Aggregator:
         self.compressed = compression_settings.parse(self.task.compression)  # checked on load
         self._model_hashes: dict[int, str] = {}  # round -> hash of the model it trained from
         self._bases: dict[int, dict] = {}  # round -> that model (fedbuff's stale updates)
+        self._removing: Future | None = None  # the last committed round's journal, deleting
         self.schema = codec.schema_of(self.weights)
         self._inbox.max_bytes = inbox_budget(config.inbox_bytes, _nbytes(self.weights))
         metrics = self.run_dir.metrics()
@@ -424,6 +425,8 @@ class Aggregator:
             finally:
                 self._leave()
         finally:
+            if self._removing is not None:
+                self._removing.result()  # no committed round's journal outlives the run
             self.run_dir.unlock()
 
     def _leave(self) -> None:
@@ -1274,8 +1277,8 @@ class Aggregator:
             return current
         following = self._open_round(current.number + 1)
         # the committed round's journal is no longer needed: removed once the next model is
-        # out, not before (a crash in between leaves a directory nothing reads)
-        current.journal.remove()
+        # out, in the background (a crash before it is gone leaves a directory nothing reads)
+        self._removing = current.journal.remove_later()
         return following
 
     def _finish(self, number: int | None = None) -> None:
