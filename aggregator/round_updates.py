@@ -57,8 +57,11 @@ class JournalUpdates(_MatrixMixin):
 
     def __iter__(self) -> Iterator[Update]:
         for device, payload in self.journal.accepted(by_device=True):
-            # checked at admission; its tensors read in place (the payload is ours alone)
-            update = messages.decode_update(payload, max_payload=len(payload), copy=False)
+            # checked at admission (finite values included; the journal's bytes are checked
+            # against their digest when a restart reads them); its tensors read in place
+            update = messages.decode_update(
+                payload, max_payload=len(payload), copy=False, require_finite=False
+            )
             self._seen[device] = (update.num_samples, update.metrics, update.round)
             carried = messages.parse_partial(update.metadata)
             if carried is not None:
