@@ -1,4 +1,4 @@
-"""Small runs of scripts/bench/costs.py and scripts/bench/ingest.py: their figures are sane.
+"""Small runs of the benchmarks under scripts/bench/: their figures are sane.
 
 The scripts are loaded by path (``scripts/`` is not a package); the full runs are in the
 README. Timings on a shared CI machine vary: only orders of magnitude are checked.
@@ -96,3 +96,25 @@ def test_hidden_for_sizes():
     for mb in (0.1, 1, 10):
         params = ingest.hidden_for(mb) * (64 + 1 + 8)
         assert abs(4 * params - mb * 1e6) / (mb * 1e6) < 0.01
+
+
+def test_round_cpu_names_every_process_of_the_run():
+    """``round_cpu.py`` finds the aggregator, the broker and each agent among the run's
+    processes and gives each a CPU figure per round."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "round_cpu.py"), "--rounds", "40", "--clients", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {
+        tuple(cell.strip() for cell in line.strip("|").split("|")[:3])
+        for line in out.stdout.splitlines()
+        if line.startswith("| ") and "ms" in line
+    }
+    assert ("agents", "main", "3") in rows, out.stdout
+    assert ("aggregator", "main", "1") in rows and ("broker", "main", "1") in rows, out.stdout
+    assert "ms a round (wall)" in out.stdout and "CPU a round, all processes" in out.stdout
