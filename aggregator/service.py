@@ -42,7 +42,7 @@ from aggregator.fedavg import WeightedMetrics
 from aggregator.inbox import Inbound, Inbox
 from aggregator.journal import RoundJournal, payload_digest
 from aggregator.phases import Phase, load_plan, round_phases, save_plan
-from aggregator.round_updates import JournalUpdates, ListUpdates
+from aggregator.round_updates import HeldUpdates, JournalUpdates, ListUpdates
 from aggregator.secure_round import SecureFailure, SecureRound
 from aggregator.secure_settings import secure_settings
 from aggregator.strategies.base import RoundPlan, Strategy, Update
@@ -124,6 +124,7 @@ class _Round:
     flooding: set[str] = field(default_factory=set)  # devices over their journal bound
     secure: SecureRound | None = None  # the secure-aggregation session, in its phases
     phase_seconds: dict[str, float] = field(default_factory=dict)  # closed phases' durations
+    held: HeldUpdates = field(default_factory=HeldUpdates)  # a small round's, decoded
 
     @property
     def accepted(self) -> int:
@@ -943,6 +944,7 @@ class Aggregator:
             )
         if verdict.outcome == rounds.ACCEPTED:
             current.journal.record_accepted(digest, topic_device, item.payload)
+            current.held.add(topic_device, update, len(item.payload))
         else:
             current.journal.record(
                 digest,
@@ -1186,7 +1188,12 @@ class Aggregator:
             result = aggregate_secure(self.strategy, self.weights, current.secure)
         else:
             updates = JournalUpdates(
-                current.journal, self.weights, self._base_of, current.number, self.compressed
+                current.journal,
+                self.weights,
+                self._base_of,
+                current.number,
+                self.compressed,
+                held=current.held,
             )
             result = aggregate_round(self.strategy, self.weights, updates)
         self.weights = result.weights

@@ -14,7 +14,7 @@ import torch
 from aggregator import strategies
 from aggregator.fedavg import FoldedSum
 from aggregator.journal import RoundJournal, payload_digest
-from aggregator.round_updates import JournalUpdates
+from aggregator.round_updates import HeldUpdates, JournalUpdates
 from aggregator.service import aggregate_round
 from broker import messages
 
@@ -99,3 +99,45 @@ def test_a_replayed_journal_gives_the_same_model(tmp_path):
 def _aggregate(journal: RoundJournal):
     updates = JournalUpdates(journal, TEMPLATE, base_of=lambda round_: TEMPLATE, round_=1)
     return aggregate_round(strategies.build({}), TEMPLATE, updates)
+
+
+def _held_round(tmp_path, order, updates, budget=1 << 20):
+    """A journal and the same updates held as admission decoded them (in arrival order)."""
+    journal = RoundJournal.open(tmp_path / "held", 1)
+    held = HeldUpdates(budget)
+    for device in order:
+        p = payload(device, *updates[device])
+        journal.record_accepted(payload_digest(p), device, p)
+        held.add(device, messages.decode_update(p, copy=False), len(p))
+    journal.commit()
+    return journal, held
+
+
+def test_a_small_round_held_in_memory_gives_the_journal_s_model_without_reading_it(tmp_path):
+    """The close folds a small round's updates as admission decoded them, in device-id
+    order: the same model, bit for bit, as reading the journal back; and it does not read
+    the journal (its payload file is gone, and the close still works)."""
+    updates = cancelling_updates()
+    order = ["dev-e", "dev-b", "dev-a", "dev-d", "dev-c"]
+    journal, held = _held_round(tmp_path, order, updates)
+    from_disk = _aggregate(journal)
+    journal.blobs_path.unlink()  # a read-back would fail now
+    result = aggregate_round(
+        strategies.build({}),
+        TEMPLATE,
+        JournalUpdates(journal, TEMPLATE, lambda round_: TEMPLATE, round_=1, held=held),
+    )
+    for name in TEMPLATE:
+        assert torch.equal(result.weights[name], from_disk.weights[name]), name
+    assert result.metrics == from_disk.metrics and result.device_rows == from_disk.device_rows
+
+
+def test_held_updates_are_used_only_when_they_are_the_journal_s_and_within_budget(tmp_path):
+    updates = cancelling_updates()
+    journal, held = _held_round(tmp_path, list(updates), updates)
+    assert held.matching(journal.accepted_view()) is not None
+    assert held.matching(list(updates)[:-1]) is None  # not the same set: read the journal
+    assert HeldUpdates().matching(journal.accepted_view()) is None  # a resumed round
+    size = len(payload("dev-a", *updates["dev-a"]))
+    _, over = _held_round(tmp_path / "over", list(updates), updates, budget=3 * size)
+    assert over.overflowed and over.matching(list(updates)[:3]) is None  # all let go
