@@ -174,11 +174,12 @@ class RunDir:
         if metrics is not None:
             append[self.metrics_jsonl] = json.dumps(metrics, sort_keys=True)
         # all of these durable in one wait for the disk, then state.json, which makes them
-        # the run's (a crash before it: the lines are dropped on resume, the files unused)
-        write_together(replace, append)
-        state.completed_round = completed_round
-        state.checkpoint = str(path.relative_to(self.path))
-        atomic_write(self.state_json, json.dumps(asdict(state), indent=2).encode())
+        # the run's (a crash before it: the lines are dropped on resume, the files unused);
+        # its bytes are synced in that same wait, its rename waits for the others' renames
+        done = {"completed_round": completed_round, "checkpoint": str(path.relative_to(self.path))}
+        record = json.dumps({**asdict(state), **done}, indent=2).encode()
+        write_together(replace, append, then={self.state_json: record})
+        state.completed_round, state.checkpoint = done["completed_round"], done["checkpoint"]
 
     def metrics(self) -> list[dict]:
         return [json.loads(line) for line in read_lines(self.metrics_jsonl)]

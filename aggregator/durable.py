@@ -64,16 +64,22 @@ def remove_tree_later(path: Path) -> Future:
     return _CLEANUP.submit(shutil.rmtree, path, ignore_errors=True)
 
 
-def write_together(replace: dict[Path, bytes], append: dict[Path, str]) -> None:
+def write_together(
+    replace: dict[Path, bytes], append: dict[Path, str], then: dict[Path, bytes] | None = None
+) -> None:
     """Replace files atomically and append lines to others, with one concurrent wait for
     the disk: every file's data durable, then the renames, then each directory durable.
     A crash leaves each replaced file old or new and each appended file with its new line
-    whole, or torn (cut on read) or absent; the caller orders what depends on this."""
+    whole, or torn (cut on read) or absent; the caller orders what depends on this.
+
+    ``then``: files replaced only once all of that is durable (a commit record that makes
+    the rest count); their data is written and synced in the same wait as the others'."""
+    then = then or {}
     handles = []
     try:
-        for path, data in replace.items():
+        for path, data in {**replace, **then}.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(path.with_name(f".{path.name}.tmp"), "wb")  # noqa: SIM115
+            fh = open(_tmp(path), "wb")  # noqa: SIM115
             handles.append(fh)
             fh.write(data)
         for path, line in append.items():
@@ -87,15 +93,19 @@ def write_together(replace: dict[Path, bytes], append: dict[Path, str]) -> None:
     finally:
         for fh in handles:
             fh.close()
-    for path in replace:
-        os.replace(path.with_name(f".{path.name}.tmp"), path)
-    directories = {path.parent for path in replace}
-    fds = [os.open(d, os.O_RDONLY) for d in directories]
-    try:
-        fsync_all(fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    for group in (replace, then):
+        for path in group:
+            os.replace(_tmp(path), path)
+        fds = [os.open(d, os.O_RDONLY) for d in {path.parent for path in group}]
+        try:
+            fsync_all(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
 
 
 def repair_tail(path: Path) -> None:
