@@ -118,6 +118,8 @@ def per_update(work: Path, updates: int, batch: int, hidden: int = 64, warm: boo
         bench.feed([bench.update(model, d, 0.0) for d in bench.devices[:-1]], 64)
         bench.current = bench.agg._complete(bench.current)
         bench.acked.clear()
+        if bench.agg._removing is not None:  # the first round's journal, deleted in the
+            bench.agg._removing.result()  # background: not this measurement's work
     model = bench.model()
     items = [bench.update(model, d, 0.001 * (i % 7)) for i, d in enumerate(bench.devices[:-1])]
     seconds = bench.feed(items, batch)
