@@ -8,9 +8,11 @@ import threading
 
 
 class Forwarder:
-    """A TCP forwarder on 127.0.0.1 to ``target``: ``cut()`` closes the listener and every
-    connection through it (the uplink is down: connecting is refused), ``restore()`` listens
-    again on the same port. Counts the bytes it carried each way."""
+    """A TCP forwarder on 127.0.0.1 to ``target``: ``cut()`` closes every connection
+    through it and, until ``restore()``, closes each new one at once, unread (the uplink
+    is down). It keeps its listening port meanwhile: a port given up and bound again
+    can be taken in between (a client retrying a connection to a port nobody listens on
+    may connect the port to itself). Counts the bytes it carried each way."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -20,6 +22,7 @@ class Forwarder:
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._down = False
         self.port = 0
         self._listen()
 
@@ -41,7 +44,10 @@ class Forwarder:
             try:
                 client, _ = listener.accept()
             except OSError:
-                return  # closed by cut()
+                return  # closed by close()
+            if self._down:
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -49,7 +55,7 @@ class Forwarder:
                 continue
             upstream.settimeout(None)
             with self._lock:
-                if self._listener is not listener:  # cut meanwhile
+                if self._down or self._listener is not listener:  # cut meanwhile
                     client.close()
                     upstream.close()
                     return
@@ -86,19 +92,28 @@ class Forwarder:
 
     def cut(self) -> None:
         with self._lock:
+            self._down = True
+            socks, self._socks = self._socks, []
+        _close(socks)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._down = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._down = True
             listener, self._listener = self._listener, None
             socks, self._socks = self._socks, []
         if listener is not None:
             listener.close()
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        _close(socks)
 
-    def restore(self) -> None:
-        self._listen()
 
-    def close(self) -> None:
-        self.cut()
+def _close(socks: list[socket.socket]) -> None:
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
