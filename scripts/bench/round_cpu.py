@@ -8,7 +8,8 @@ process's and thread's CPU time (user + system, from ``/proc``) when round 20 is
 committed and again 10 rounds before the end, and prints the CPU each spent per round
 in between: the agents' main threads and their other threads (paho's network loop),
 the aggregator's loop and its other threads (network, fsync pool), mosquitto; and the
-wall time per round over the same rounds.
+wall time per round over the same rounds. /proc counts CPU in clock ticks (10 ms here):
+over the default's 170 rounds that is 0.06 ms a round.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _descendants(root: int) -> list[int]:
 
 
 def _role(pid: int) -> str:
-    """broker, aggregator (it holds its run directory's lock) or python (agents, zygote)."""
+    """broker, aggregator (it holds its run directory's lock) or python (an agent, or the
+    zygote they are forked from)."""
     try:
         if Path(f"/proc/{pid}/comm").read_text().strip() == "mosquitto":
             return "broker"
@@ -80,7 +82,14 @@ def _threads(pid: int) -> dict[str, float]:
 
 
 def _reading() -> dict[int, tuple[str, dict[str, float]]]:
-    return {pid: (_role(pid), _threads(pid)) for pid in _descendants(os.getpid())}
+    kids = _children()
+    out = {}
+    for pid in _descendants(os.getpid()):
+        role = _role(pid)
+        if role == "python" and kids.get(pid):  # the zygote: it forks the others, then waits
+            role = "zygote"
+        out[pid] = (role, _threads(pid))
+    return out
 
 
 def main() -> None:
@@ -114,7 +123,7 @@ def main() -> None:
     rounds = last - FIRST
     rows: dict[tuple[str, str], list[float]] = {}
     for pid, (role, threads) in after.items():
-        if pid not in before or role == "gone":
+        if pid not in before or role in ("gone", "zygote"):
             continue
         for name, cpu in threads.items():
             spent = (cpu - before[pid][1][name]) / rounds * 1000
@@ -127,15 +136,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     total = 0.0
     for (role, name), spent in sorted(rows.items()):
-        busy = [s for s in spent if s > 0.05]  # not the zygote (forked, then idle)
-        if not busy:
-            continue
         label = "agents" if role == "python" else role
         print(
-            f"| {label} | {name} | {len(busy)} | {sum(busy) / len(busy):.2f} ms "
-            f"| {sum(busy):.2f} ms |"
+            f"| {label} | {name} | {len(spent)} | {sum(spent) / len(spent):.2f} ms "
+            f"| {sum(spent):.2f} ms |"
         )
-        total += sum(busy)
+        total += sum(spent)
     print(f"CPU a round, all processes: {total:.1f} ms")
 
 
