@@ -118,3 +118,24 @@ def test_round_cpu_names_every_process_of_the_run():
     assert ("agents", "main", "3") in rows, out.stdout
     assert ("aggregator", "main", "1") in rows and ("broker", "main", "1") in rows, out.stdout
     assert "ms a round (wall)" in out.stdout and "CPU a round, all processes" in out.stdout
+
+
+def test_bench_round_measures_a_second_round_beside_the_raw_broker():
+    """``bench_round.py --rounds 2``: both rounds' updates accepted (it asserts every
+    device is in the measured round), the raw broker's pass, and the memory lines."""
+    import subprocess
+
+    script = BENCH.parent / "bench_round.py"
+    args = ["--devices", "12", "--hidden", "64", "--concurrency", "4", "--rounds", "2"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
+    for line in (
+        "raw broker :",
+        "fedmq round 2 (after an unmeasured 1):",
+        "ratio fedmq/raw:",
+        "over waiting:",
+        "at the peak of resident memory: anonymous +",
+    ):
+        assert line in out.stdout, out.stdout
