@@ -8,10 +8,11 @@ decoded tensors), from two threads; served from the heap they fragment it, and t
 process keeps what it once held. Measured with ``scripts/bench_round.py --devices
 1000 --hidden 960`` (1,000 updates of 3.8 MB): the peak during the round grew
 403 MB over the waiting process with the sliding threshold, 28 MB with a fixed one
-at 1 MiB. At 128 KiB it is 18 MB (4.8 models, of which 3.8 anonymous): blocks
-between the two (the close's 512 KiB chunks of float64, buffers of TLS and paho)
-no longer pin freed heap under them (26 MB, 5.8 anonymous, at 1 MiB in the same
-week's run).
+at 1 MiB. A threshold of 128 KiB held the close's 512 KiB float64 temporaries out of
+the heap too (26 MB over waiting → 18 MB), but mapping every block over 128 KiB afresh
+cost a fifth of the ingest rate of 1 MB updates (``scripts/bench/ingest.py --sizes 1``:
+0.64-0.71 of the broker's ceiling against 0.83-0.88); the close now reuses one scratch
+buffer instead (``aggregator/fedavg.py``: 20 MB at 1 MiB).
 
 ``fix_mmap_threshold`` pins the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also
 stops the sliding). Where the C library is not glibc it does nothing.
@@ -26,7 +27,7 @@ import logging
 log = logging.getLogger("fedmq.aggregator")
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-THRESHOLD = 128 * 1024  # blocks of at least this many bytes: mmap'd, returned on free
+THRESHOLD = 1024 * 1024  # blocks of at least this many bytes: mmap'd, returned on free
 
 
 def fix_mmap_threshold(threshold: int = THRESHOLD) -> bool:
