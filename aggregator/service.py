@@ -74,7 +74,9 @@ CONNECT_TIMEOUT = 30.0  # seconds to reach the broker at start-up before giving 
 HEARTBEAT = 10.0  # seconds between re-publications of the presence and state
 FINAL_PUBLISH_TIMEOUT = 300.0  # seconds to keep trying to publish the final model
 # seconds after start-up a sampled round waits for the devices' retained statuses before
-# drawing (later rounds draw at once: a device that comes up meanwhile joins the next)
+# drawing (later rounds draw at once: a device that comes up meanwhile joins the next),
+# and a round resumed with its quorum already journaled before closing: until the statuses
+# are in, no device looks present, and "every present device reported" would hold at once
 SELECT_SETTLE = 1.0
 AVAILABLE = ("online", "training", "skipped")  # devices a round may sample
 
@@ -125,6 +127,7 @@ class _Round:
     secure: SecureRound | None = None  # the secure-aggregation session, in its phases
     phase_seconds: dict[str, float] = field(default_factory=dict)  # closed phases' durations
     held: HeldUpdates = field(default_factory=HeldUpdates)  # a small round's, decoded
+    replayed: int = 0  # updates its journal held when it was opened (a resumed round)
 
     @property
     def accepted(self) -> int:
@@ -561,6 +564,7 @@ class Aggregator:
             phases,
             plan=load_plan(journal.directory),  # a restarted round tells the devices the same
         )
+        current.replayed = current.accepted
         if current.plan is not None and not upstream:  # drawn before the crash: to training
             current.phase_index = 1 if current.phases[0].name == "select" else 0
         self.on_event("round_open", {"round": number, "replayed": current.accepted})
@@ -990,6 +994,9 @@ class Aggregator:
             deadline=current.phase.deadline,
             buffer_size=self.strategy.buffer_size,
         )
+        if decision == rounds.CLOSE and current.replayed and self.strategy.buffer_size is None:
+            if time.monotonic() - self._loop_started < SELECT_SETTLE:
+                return current  # resumed: the devices' retained statuses may not be in yet
         if decision == rounds.WAIT:
             return current
         if decision == rounds.SHORT:
