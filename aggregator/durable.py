@@ -24,6 +24,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def open_dirs(paths) -> list[int]:
+    """Descriptors of these directories, to fsync the entries made in them."""
+    return [os.open(d, os.O_RDONLY) for d in paths]
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,12 +106,11 @@ def write_together(
     for group in (replace, then):
         for path in group:
             os.replace(_tmp(path), path)
-        fds = [os.open(d, os.O_RDONLY) for d in {path.parent for path in group}]
+        fds = open_dirs({path.parent for path in group})
         try:
             fsync_all(fds)
         finally:
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
 
 
 def _tmp(path: Path) -> Path:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Collection, Iterator
@@ -33,17 +32,14 @@ from pathlib import Path
 
 from aggregator.durable import (
     atomic_write,
+    close_all,
     fsync_all,
     fsync_all_later,
+    open_dirs,
     read_lines,
     remove_tree_later,
     repair_tail,
 )
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 def payload_digest(payload: bytes) -> str:
@@ -190,11 +186,11 @@ class RoundJournal:
         if not self._dirty:
             return
         self._flush()
-        dirs = [os.open(d, os.O_RDONLY) for d in self._new_dirs]
+        dirs = open_dirs(self._new_dirs)
         try:
             fsync_all([self._blobs.fileno(), self._lines.fileno(), *dirs])
         finally:
-            _close_all(dirs)
+            close_all(dirs)
         self._new_dirs = []
         self._dirty = False
 
@@ -206,9 +202,9 @@ class RoundJournal:
         if not self._dirty:
             return None
         self._flush()
-        dirs = [os.open(d, os.O_RDONLY) for d in self._new_dirs]
+        dirs = open_dirs(self._new_dirs)
         self._syncing = fsync_all_later([self._blobs.fileno(), self._lines.fileno(), *dirs])
-        self._syncing.add_done_callback(lambda _: _close_all(dirs))
+        self._syncing.add_done_callback(lambda _: close_all(dirs))
         self._new_dirs = []
         self._dirty = False  # what is not durable yet is the future's
         return self._syncing

@@ -698,6 +698,10 @@ class Aggregator:
         self._next_phase(current)
         return current
 
+    def _statuses_settling(self) -> bool:
+        """Whether the devices' retained statuses may still be arriving (start-up)."""
+        return time.monotonic() - self._loop_started < SELECT_SETTLE
+
     def _phase_select(self, current: _Round) -> _Round:
         """Client sampling: once enough devices are known to be up, draw the round's sample."""
         available = sorted(d for d, s in self.status.items() if s in AVAILABLE)
@@ -705,8 +709,7 @@ class Aggregator:
         if self.secure is not None:
             needed = max(needed, MIN_ROSTER)
         waited = time.monotonic() - current.phase_started
-        settling = time.monotonic() - self._loop_started < SELECT_SETTLE
-        if len(available) < needed or (settling and waited < SELECT_SETTLE):
+        if len(available) < needed or (self._statuses_settling() and waited < SELECT_SETTLE):
             return current
         current.plan = self.strategy.plan(current.number, available, self.task.seed)
         if current.plan.selected is None:  # secure aggregation names every device it sums
@@ -995,7 +998,7 @@ class Aggregator:
             buffer_size=self.strategy.buffer_size,
         )
         if decision == rounds.CLOSE and current.replayed and self.strategy.buffer_size is None:
-            if time.monotonic() - self._loop_started < SELECT_SETTLE:
+            if self._statuses_settling():
                 return current  # resumed: the devices' retained statuses may not be in yet
         if decision == rounds.WAIT:
             return current

@@ -18,7 +18,7 @@ import pytest
 from aggregator import durable
 from aggregator.inbox import Inbound
 from aggregator.service import Aggregator, AggregatorConfig
-from broker import codec, messages
+from broker import messages
 from broker.connection import ConnectionSettings
 from broker.task import TaskSpec
 from broker.topics import Topics
@@ -85,7 +85,8 @@ def aggregator(tmp_path):
     model = messages.decode_model(current.model_payload)
     for mid, device in enumerate(DEVICES, start=1):
         tensors = {k: v + 0.01 * mid for k, v in model.tensors.items()}
-        meta = messages.update_metadata(
+        payload = messages.encode_update(
+            tensors,
             round_=1,
             device_id=device,
             num_samples=10,
@@ -94,7 +95,6 @@ def aggregator(tmp_path):
             federation=model.federation,
             run_id=model.run_id,
         )
-        payload = codec.encode(tensors, meta)
         agg._inbox.put(Inbound(Topics("overlap").update(device), payload, mid, 1), lambda: False)
     return agg, current
 
