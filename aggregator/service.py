@@ -369,11 +369,15 @@ class Aggregator:
             ]
         )
         self._publish_presence()
-        if self._link_lost_at is not None:
+        if self._link_lost_at is not None:  # a reconnect, not the first connection
             self._relinked_at = time.monotonic()
+            # a restarted broker may have lost the retained model. Not on the first
+            # connection: run() may already have announced round 1 (the ConnectionWatch's
+            # callback, which lets run() go on, runs before this one), and every device
+            # would get the model twice
+            self._reannounce.set()
         self._connected.set()
         self._state_dirty = True
-        self._reannounce.set()  # a restarted broker may have lost the retained model
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()

@@ -92,6 +92,7 @@ class Agent:
         self._tensors: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # per task
         # a selected round the limits hold back: (model, hooks, the reason said in status)
         self._deferred: tuple[messages.ModelMessage, TrainingHooks, str] | None = None
+        self._told: tuple[str, str] | None = None  # the last (model hash, reason) deferred
         self._recheck_at = 0.0
         self._secure: _SecureSession | None = None  # the secure round in progress
         # topk's error feedback: (task JSON, what earlier rounds left unsent). In memory
@@ -115,7 +116,8 @@ class Agent:
         )
         self._connected_at: float | None = None  # monotonic time of the first connection
         self._said_connected = False
-        self._said = ""  # the last status published (from either thread)
+        # the last status published, from either thread: (status, round, reason)
+        self._said: tuple[str, int | None, str] = ("", None, "")
         self._last_train_seconds: float | None = None
 
     # -- network thread: route only -------------------------------------------------
@@ -134,7 +136,11 @@ class Agent:
         )
         if self._secure is not None and self._secure.client.neighbours:
             self._watch_receipts(self._secure.client.neighbours)
-        self._publish_status("online")
+        deferred = self._deferred  # a round held back says so again, not "online"
+        if deferred is None:
+            self._publish_status("online")
+        else:
+            self._publish_status("skipped", round_=deferred[0].round, reason=deferred[2])
         if self._connected_at is None:
             self._connected_at = time.monotonic()
         self._connected.set()
@@ -303,21 +309,22 @@ class Agent:
         return resources.why_not(limits, readings, dt.datetime.now())
 
     def _defer(self, msg: messages.ModelMessage, hooks: TrainingHooks, reason: str) -> None:
-        """Keep the round to train later; say why in status once per round and reason."""
-        said = self._deferred is not None and self._deferred[0] is msg
-        said = said and self._deferred[2] == reason
+        """Keep the round to train later. Log why once per model and reason, however often
+        the same model arrives (a reconnect, a retried round); say it in status unless the
+        status says it already."""
         self._deferred = (msg, hooks, reason)
         self._recheck_at = time.monotonic() + self.config.recheck_seconds
-        if said:
-            return
-        log.info(
-            "round %d: not training now: %s; checking again every %gs",
-            msg.round,
-            reason,
-            self.config.recheck_seconds,
-        )
-        self._publish_status("skipped", round_=msg.round, reason=reason)
-        self.on_event("deferred", {"round": msg.round, "reason": reason})
+        if self._told != (msg.model_hash, reason):  # not the same model again, or a re-check
+            self._told = (msg.model_hash, reason)
+            log.info(
+                "round %d: not training now: %s; checking again every %gs",
+                msg.round,
+                reason,
+                self.config.recheck_seconds,
+            )
+            self.on_event("deferred", {"round": msg.round, "reason": reason})
+        if self._said != ("skipped", msg.round, reason):
+            self._publish_status("skipped", round_=msg.round, reason=reason)
 
     def _retry_deferred(self) -> bool:
         """The held-back round, once its re-check is due. True: leave."""
@@ -391,7 +398,7 @@ class Agent:
         self._last_update = (msg.model_hash, payload)
         # QoS 1: if the link is down, paho keeps it and sends it after reconnecting
         info = self.client.publish(self.topics.update(cfg.device_id), payload, qos=1)
-        if self._said != "online":  # it said "training", or skipped an earlier round
+        if self._said[0] != "online":  # it said "training", or skipped an earlier round
             self._publish_status("online", round_=msg.round)
         log.info(
             "round %d: trained on %d samples, loss %.4f, published %d bytes",
@@ -558,7 +565,7 @@ class Agent:
     def _publish_status(
         self, status: str, round_: int | None = None, reason: str = ""
     ) -> mqtt.MQTTMessageInfo:
-        self._said = status
+        self._said = (status, round_, reason)
         return self.client.publish(
             self.topics.status(self.config.device_id),
             self._status_payload(status, round_, reason),

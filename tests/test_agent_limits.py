@@ -4,6 +4,8 @@ round however long it trains: over a real mosquitto, with a real aggregator."""
 from __future__ import annotations
 
 import queue
+import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,17 +31,28 @@ def thermal(root: Path, millidegrees: int) -> None:
 
 def test_a_hot_device_skips_saying_why_then_trains_once_it_cools(federation, tmp_path):
     """The round waits for bob (quorum 1); bob is at 81 °C over a 75 °C ceiling: its status,
-    as the aggregator's account reads it, says "skipped" and why. Once the (fake) thermal
+    as the aggregator's account reads it, says "skipped" and why. The same model arriving
+    again (as after a retried round) does not make bob say it twice; a reconnect makes his
+    status say it again, not "online", and his log not. Once the (fake) thermal
     zone reads 60 °C, bob's next check trains the round it kept, and the round closes."""
     fed = federation(devices=["bob"])
     files = write_blobs(tmp_path / "data", ["bob"])
     root = tmp_path / "root"
     thermal(root, 81000)
+    topics = Topics(fed.name)
     statuses: queue.Queue = queue.Queue()
+    models: queue.Queue = queue.Queue()
     agent_events: list = []
+
+    def on_message(client, userdata, message):
+        if message.topic == topics.model:
+            models.put(message.payload)
+        else:
+            statuses.put(signals.parse_status(message.payload))
+
     with mqtt_session(fed.settings("fedmq-aggregator"), "test-status") as watcher:
-        watcher.on_message = lambda c, u, m: statuses.put(signals.parse_status(m.payload))
-        watcher.subscribe(Topics(fed.name).status("bob"), qos=1)
+        watcher.on_message = on_message
+        watcher.subscribe([(topics.status("bob"), 1), (topics.model, 1)])
         agg = fed.aggregator(tmp_path / "run", TaskSpec.load(blobs_task(tmp_path)), rounds=1)
         agg_thread = fed.in_thread(agg.run, timeout=60)
         config = fed.agent_config(
@@ -51,6 +64,12 @@ def test_a_hot_device_skips_saying_why_then_trains_once_it_cools(federation, tmp
             readings_root=root,
         )
         agent = Agent(config, on_event=lambda kind, info: agent_events.append((kind, info)))
+        bob_got: list[bytes] = []  # the models bob's client received, as the broker sent them
+        route = agent.client.on_message
+        agent.client.on_message = lambda c, u, m: (
+            bob_got.append(m.payload) if m.topic == topics.model else None,
+            route(c, u, m),
+        )
         agent_thread = fed.in_thread(agent.run, timeout=60)
 
         def skipped():
@@ -67,6 +86,28 @@ def test_a_hot_device_skips_saying_why_then_trains_once_it_cools(federation, tmp
         assert bob["status"] == "skipped" and bob["reason"] == "CPU at 81.0 °C, ceiling 75 °C"
         assert agent.rounds_trained == 0
         assert agg_thread.is_alive()  # the round is still open, waiting for bob
+
+        model = models.get(timeout=5)
+        watcher.publish(topics.model, model, qos=1, retain=True).wait_for_publish(5)
+        wait_for(lambda: len(bob_got) == 2, 10, "bob to receive the same model again")
+        assert bob_got == [model, model]
+        wait_for(agent._inbox.empty, 5, "bob's agent to take it")
+        time.sleep(3 * config.recheck_seconds)  # it handles the model and re-checks twice
+
+        # bob's link dies: he reconnects, says "skipped" again (not "online"), and gets the
+        # retained model a third time
+        while not statuses.empty():
+            statuses.get()
+        agent.client.socket().shutdown(socket.SHUT_RDWR)
+        wait_for(lambda: len(bob_got) == 3, 20, "bob to reconnect and get the model again")
+        assert [kind for kind, _ in agent_events].count("connected") == 2
+        lost = statuses.get(timeout=5)
+        assert lost.status == "offline"  # bob's will: the broker saw the link die
+        again = statuses.get(timeout=5)
+        assert again == signals.DeviceStatus("skipped", 1, "CPU at 81.0 °C, ceiling 75 °C")
+        wait_for(agent._inbox.empty, 5, "bob's agent to take it")
+        time.sleep(3 * config.recheck_seconds)
+        assert statuses.empty()  # said once after the reconnect, however often it re-checks
 
         thermal(root, 60000)
         assert join(agg_thread, 30) == 0
