@@ -64,11 +64,15 @@ def test_statuses_a_device_publishes_over_rounds(federation, tmp_path, threshold
 
     rows = agg.run_dir.metrics()
     assert [r["contributors"] for r in rows] == [["bob"]] * ROUNDS
-    assert all(t["metrics"]["train_seconds"] < 1.0 for t in trained)  # fast rounds
+    seconds = {t["round"]: t["metrics"]["train_seconds"] for t in trained}
     training = [s.round for s in said if s.status == "training"]
     after = [s.round for s in said if s.status == "online" and s.round is not None]
     if said_every_round:
         assert training == after == list(range(1, ROUNDS + 1)), said
     else:
-        assert training == after == [1], said  # then quiet: a status nobody could see
+        # round 1, then only a round after one whose training took a second or more (blobs
+        # trains in milliseconds; a loaded machine may stall one past a second)
+        slow = [r + 1 for r in range(1, ROUNDS) if seconds[r] >= threshold]
+        assert training == after == [1, *slow], (said, seconds)
+        assert len(slow) < ROUNDS - 1, f"every training took over {threshold} s: {seconds}"
     assert [s.status for s in said][0] == "online" and said[-1].status == "offline"
