@@ -50,25 +50,31 @@ NODE_LETTERS = "abcdefghij"
 BOOT_TIMEOUT = 120.0  # seconds for a node to boot and join (3.10 on 2 cores: ~10-20 s)
 
 
-def listen_port() -> int:
-    """A free loopback port below the ephemeral range. A node boots for seconds after its
-    ports are chosen; a port from the ephemeral range (what binding port 0 gives) may be
-    taken meanwhile by any outgoing connection on the machine, and the node dies with
-    eaddrinuse."""
+def listen_ports(count: int) -> list[int]:
+    """``count`` different free loopback ports below the ephemeral range. A node boots for
+    seconds after its ports are chosen; a port from the ephemeral range (what binding port
+    0 gives) may be taken meanwhile by any outgoing connection on the machine, and the node
+    dies with eaddrinuse. Different from each other: one random port drawn twice gave
+    epmd and a node's MQTT listener the same one, and that node never booted."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
     rng = random.Random(secrets.randbits(32))
-    for _ in range(200):
+    ports: list[int] = []
+    for _ in range(200 * count):
         port = rng.randrange(10000, max(low, 10001))
+        if port in ports:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise BrokerError(f"no free loopback port between 10000 and {low}")
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise BrokerError(f"no {count} free loopback ports between 10000 and {low}")
 
 
 def rabbit_installed() -> bool:
@@ -192,14 +198,15 @@ class RabbitCluster:
         path = Path(path).absolute()
         path.mkdir(parents=True, exist_ok=True)
         home = BrokerHome.create(path / "home", federation, tls=False, plaintext=True)
-        cluster = cls(path, home, epmd_port=listen_port())
+        epmd_port, *ports = listen_ports(1 + 2 * nodes)
+        cluster = cls(path, home, epmd_port=epmd_port)
         for i in range(nodes):
             letter = NODE_LETTERS[i]
             cluster.nodes.append(
                 RabbitNode(
                     f"{prefix}-{letter}@localhost",
-                    listen_port(),
-                    listen_port(),
+                    ports[2 * i],
+                    ports[2 * i + 1],
                     path / f"node-{letter}",
                 )
             )

@@ -162,6 +162,35 @@ def test_names_with_a_dot_are_refused_for_rabbitmq(tmp_path):
         RabbitCluster.create(tmp_path / "c", "f", ["bob.pi"], nodes=1)
 
 
+def test_a_clusters_ports_differ_even_when_the_draw_repeats_one(tmp_path, monkeypatch):
+    """epmd and every node's listeners get different ports: a random port drawn twice
+    once gave epmd's to node b's MQTT listener, and node b died with eaddrinuse."""
+    import socket
+
+    from broker import rabbit_cluster
+
+    held = [socket.socket() for _ in range(7)]
+    for s in held:
+        s.bind(("127.0.0.1", 0))
+    free = [s.getsockname()[1] for s in held]  # seven different ports, free once closed
+    for s in held:
+        s.close()
+
+    class Repeating:  # the draw as it happened, and worse: every port twice in a row
+        def __init__(self, seed):
+            self.draws = iter([p for port in free for p in (port, port)])
+
+        def randrange(self, low, high):
+            return next(self.draws)
+
+    monkeypatch.setattr(rabbit_cluster.random, "Random", Repeating)
+    assert rabbit_cluster.listen_ports(7) == free
+    monkeypatch.undo()
+    cluster = RabbitCluster.create(tmp_path / "c", "f", ["bob"], nodes=3)
+    ports = [cluster.epmd_port] + [p for n in cluster.nodes for p in (n.mqtt_port, n.dist_port)]
+    assert len(set(ports)) == 7
+
+
 def test_topic_permissions_mirror_the_mosquitto_acl():
     import re
 
