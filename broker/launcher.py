@@ -17,9 +17,20 @@ from broker.errors import BrokerError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` free ports, different from each other: all held at once while chosen
+    (one after another, the same port may come back twice)."""
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for s in held:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def mosquitto_binary() -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aggregator.service import AggregatorConfig
 from broker.home import BrokerHome, load_credentials, settings_from_credentials
-from broker.launcher import RunningBroker, free_port
+from broker.launcher import RunningBroker, free_ports
 from broker.task import TaskSpec
 from device_agent.agent import AgentConfig
 from fedmq.signing_hooks import agent_hooks, agent_identity, aggregator_hooks, known_devices
@@ -30,8 +30,9 @@ class LocalFederation:
         self.home = home
         self.name = name
         self.devices = devices
-        self.port = free_port() if home.plaintext else None
-        self.tls_port = free_port() if home.tls else None
+        port, tls_port = free_ports(2)
+        self.port = port if home.plaintext else None
+        self.tls_port = tls_port if home.tls else None
         self.broker: RunningBroker | None = None
         self.procs: list[subprocess.Popen | ForkedProcess] = []
         self._zygote: Zygote | None = None  # started by the first spawn

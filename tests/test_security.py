@@ -26,7 +26,7 @@ import pytest
 from broker.acl import AGGREGATOR_USER, OPERATOR_USER
 from broker.connection import ConnectionSettings, make_client
 from broker.home import BrokerHome, settings_from_credentials
-from broker.launcher import RunningBroker, free_port, start_mosquitto
+from broker.launcher import RunningBroker, free_port, free_ports, start_mosquitto
 from broker.mosquitto_conf import MosquittoConfig, render
 from broker.passwords import write_password_file
 from broker.pki import CertificateAuthority
@@ -65,7 +65,8 @@ def start_secured(
     )
     for device in ("dev-a", "dev-b"):
         home.add_device(device)
-    running = home.start(port=free_port() if plaintext else None, tls_port=free_port())
+    port, tls_port = free_ports(2)
+    running = home.start(port=port if plaintext else None, tls_port=tls_port)
     return Secured(home, running)
 
 
@@ -348,7 +349,7 @@ def test_client_certificates(tmp_path: Path) -> None:
 def test_broker_up_runs_until_sigterm(tmp_path: Path) -> None:
     home = BrokerHome.create(tmp_path / "home", "demo")
     home.add_device("dev-a")
-    port, tls_port = free_port(), free_port()
+    port, tls_port = free_ports(2)
     cmd = [
         sys.executable,
         "-m",
