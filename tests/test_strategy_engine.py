@@ -187,18 +187,23 @@ def test_fedprox_asks_the_devices_for_its_proximal_term_over_the_wire(federation
     assert moved(pinned) < 0.25 * moved(free)
 
 
-@pytest.mark.parametrize("max_staleness", [0, 3])
+FEDBUFF_ROUNDS = 8
+
+
+@pytest.mark.parametrize("max_staleness", [0, FEDBUFF_ROUNDS])
 def test_fedbuff_does_not_wait_for_a_slow_device_and_weighs_its_stale_updates(
     federation, tmp_path, files, max_staleness
 ):
     """dev3 trains 4x longer than the others: buffers of 2 fill without it. Its updates,
     trained on models a version or more old, count down-weighted within max_staleness,
-    and are late (never folded) beyond it."""
+    and are late (never folded) beyond it. A bound of the run's length admits any of its
+    updates: how stale dev3's first one is depends on the machine's load (4 versions on a
+    machine running three CPU burners beside the suite, which a bound of 3 refused)."""
     name = f"stale{max_staleness}"
     strategy = {"name": "fedbuff", "buffer_size": 2, "max_staleness": max_staleness}
     fed = federation(devices=DEVICES, name=name)
     task = TaskSpec.load(task_file(tmp_path / f"{name}.toml", strategy))
-    agg = fed.aggregator(tmp_path / name, task, rounds=6, min_devices=1, deadline=None)
+    agg = fed.aggregator(tmp_path / name, task, rounds=FEDBUFF_ROUNDS, min_devices=1, deadline=None)
     thread = fed.in_thread(agg.run, timeout=120)
     for d in DEVICES:
         fed.in_thread(fed.agent(d, files[d], exit_when_done=True).run, timeout=120)
