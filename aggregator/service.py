@@ -1001,9 +1001,9 @@ class Aggregator:
             deadline=current.phase.deadline,
             buffer_size=self.strategy.buffer_size,
         )
-        if decision == rounds.CLOSE and current.replayed and self.strategy.buffer_size is None:
-            if self._statuses_settling():
-                return current  # resumed: the devices' retained statuses may not be in yet
+        resumed = current.replayed and self.strategy.buffer_size is None
+        if decision == rounds.CLOSE and resumed and self._statuses_settling():
+            return current  # the devices' retained statuses may not be in yet
         if decision == rounds.WAIT:
             return current
         if decision == rounds.SHORT:

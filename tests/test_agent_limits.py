@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import queue
 import socket
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,7 +69,14 @@ def test_a_hot_device_skips_saying_why_then_trains_once_it_cools(federation, tmp
             bob_got.append(m.payload) if m.topic == topics.model else None,
             route(c, u, m),
         )
+        defers: list[int] = []  # bob's checks that held the round back (each model, re-check)
+        hold_back = agent._defer
+        agent._defer = lambda *args: (defers.append(1), hold_back(*args))[1]
         agent_thread = fed.in_thread(agent.run, timeout=60)
+
+        def held_back_again(times: int):  # the sync point: bob has checked ``times`` more
+            done = len(defers) + times
+            wait_for(lambda: len(defers) >= done, 10, f"bob to check {times} more times")
 
         def skipped():
             while not statuses.empty():
@@ -92,26 +98,27 @@ def test_a_hot_device_skips_saying_why_then_trains_once_it_cools(federation, tmp
         wait_for(lambda: len(bob_got) == 2, 10, "bob to receive the same model again")
         assert bob_got == [model, model]
         wait_for(agent._inbox.empty, 5, "bob's agent to take it")
-        time.sleep(3 * config.recheck_seconds)  # it handles the model and re-checks twice
+        held_back_again(2)  # the model taken from the inbox is handled before either
 
-        # bob's link dies: he reconnects, says "skipped" again (not "online"), and gets the
-        # retained model a third time
+        # bob's link dies: he reconnects, gets the retained model a third time, and says
+        # "skipped" again (not "online") once, however often he re-checks
         while not statuses.empty():
             statuses.get()
         agent.client.socket().shutdown(socket.SHUT_RDWR)
         wait_for(lambda: len(bob_got) == 3, 20, "bob to reconnect and get the model again")
         assert [kind for kind, _ in agent_events].count("connected") == 2
-        lost = statuses.get(timeout=5)
-        assert lost.status == "offline"  # bob's will: the broker saw the link die
-        again = statuses.get(timeout=5)
-        assert again == signals.DeviceStatus("skipped", 1, "CPU at 81.0 °C, ceiling 75 °C")
         wait_for(agent._inbox.empty, 5, "bob's agent to take it")
-        time.sleep(3 * config.recheck_seconds)
-        assert statuses.empty()  # said once after the reconnect, however often it re-checks
+        held_back_again(3)
 
         thermal(root, 60000)
         assert join(agg_thread, 30) == 0
         assert join(agent_thread, 30) == 0
+        after = [statuses.get(timeout=5)]  # from the link's death to bob's goodbye
+        while len(after) == 1 or after[-1].status != "offline":
+            after.append(statuses.get(timeout=5))
+    # the broker's "offline" (bob's will), bob's "skipped" on reconnecting, then the round
+    assert [s.status for s in after] == ["offline", "skipped", "training", "online", "offline"]
+    assert after[1] == signals.DeviceStatus("skipped", 1, "CPU at 81.0 °C, ceiling 75 °C")
     assert agent.rounds_trained == 1
     [row] = agg.run_dir.metrics()
     assert row["round"] == 1 and row["devices"] == 1
